@@ -1,0 +1,1 @@
+"""On-prem AI voice-agent appliance."""
