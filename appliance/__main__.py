@@ -46,6 +46,18 @@ def _cmd_accounts(settings: Settings, args: argparse.Namespace) -> int:
             print(f"  auth_id:    {created_or_none.auth_id}")
             print(f"  auth_token: {created_or_none.auth_token}")
         return 0
+    if args.accounts_cmd == "set-plivo":
+        try:
+            summary = asyncio.run(
+                accounts.set_plivo_cli(
+                    settings, args.auth_id, args.plivo_auth_id or None, args.plivo_auth_token or None
+                )
+            )
+        except (LookupError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"account {summary['auth_id']}: Plivo auth id {summary['plivo_auth_id'] or 'cleared'}")
+        return 0
     rows = asyncio.run(accounts.list_accounts_cli(settings))
     if args.json:
         print(json.dumps(rows))
@@ -109,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing = acc_sub.add_parser("list", help="list accounts")
     listing.add_argument("--json", action="store_true")
     acc_sub.add_parser("ensure-first", help="create the first account if there is none")
+    plivo = acc_sub.add_parser(
+        "set-plivo", help="set (or, given empty values, clear) an account's Plivo credentials"
+    )
+    plivo.add_argument("auth_id")
+    plivo.add_argument("--plivo-auth-id", required=True)
+    plivo.add_argument("--plivo-auth-token", required=True)
 
     models = sub.add_parser("models", help="list or install models")
     models_sub = models.add_subparsers(dest="models_cmd", required=True)

@@ -79,6 +79,7 @@ class Settings(_Section):
     host: str = "127.0.0.1"
     port: int = 8000
     public_base_url: str = "http://127.0.0.1:8000"
+    plivo_api_base_url: str = ""  # empty = Plivo's real API (https://api.plivo.com); tests use a fake
     data_dir: Path = Path("data")
     database_url: str = ""
     chroma_url: str = ""

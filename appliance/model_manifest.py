@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -114,7 +115,7 @@ class Manifest:
             )
         return cls(models_dir, specs)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self._specs.values())
 
     def get(self, model_id: str, role: Role | None = None) -> ModelSpec:

@@ -103,7 +103,7 @@ class EngineRegistry:
         self.status.loading = True
         try:
             for role in ("vad", "embed", "asr", "tts", "llm"):
-                await self.get(role)  # type: ignore[arg-type]
+                await self.get(role)
             self.status.ready = True
         except ModelError as exc:
             self.status.error = str(exc)
@@ -123,16 +123,16 @@ class EngineRegistry:
 
     # -- typed accessors ---------------------------------------------------------------------
     async def vad(self) -> VadModel:
-        return await self.get("vad")  # type: ignore[no-any-return]
+        return await self.get("vad")
 
     async def asr(self, model_id: str | None = None) -> AsrEngine:
-        return await self.get("asr", model_id)  # type: ignore[no-any-return]
+        return await self.get("asr", model_id)
 
     async def llm(self, model_id: str | None = None) -> LlmEngine:
-        return await self.get("llm", model_id)  # type: ignore[no-any-return]
+        return await self.get("llm", model_id)
 
     async def tts(self, voice_id: str | None = None) -> TtsEngine:
-        return await self.get("tts", voice_id)  # type: ignore[no-any-return]
+        return await self.get("tts", voice_id)
 
     async def embed(self) -> Embedder:
-        return await self.get("embed")  # type: ignore[no-any-return]
+        return await self.get("embed")

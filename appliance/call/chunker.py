@@ -1,0 +1,67 @@
+"""Cuts a stream of text deltas into speakable clauses as early as possible.
+
+A clause is emitted at a sentence end (``.``, ``!``, ``?`` followed by a space or the end of the
+stream), or at a comma/semicolon/colon/dash once it is long enough to sound natural on its own, or at a
+word boundary when it grows past ``max_chars`` (a run-on reply must not hold back the audio).
+"""
+
+from __future__ import annotations
+
+import re
+
+_SENTENCE_END = ".!?…"
+_CLAUSE_END = ",;:—–"
+# "Dr." / "e.g." / "J." are not sentence ends worth cutting at.
+_ABBREVIATION = re.compile(r"(?:\b(?:mr|mrs|ms|dr|st|vs|etc|e\.g|i\.e)\.|\b[a-z]\.)$", re.IGNORECASE)
+
+
+class ClauseChunker:
+    def __init__(self, *, min_clause_chars: int = 24, max_chars: int = 180, first_min_chars: int = 12):
+        self.min_clause_chars = min_clause_chars
+        self.first_min_chars = first_min_chars
+        self.max_chars = max_chars
+        self._buf = ""
+        self._emitted = 0
+
+    def push(self, delta: str) -> list[str]:
+        self._buf += delta
+        out: list[str] = []
+        while True:
+            cut = self._find_cut()
+            if cut is None:
+                break
+            clause, self._buf = self._buf[:cut].strip(), self._buf[cut:].lstrip()
+            if _speakable(clause):
+                out.append(clause)
+                self._emitted += 1
+        return out
+
+    def flush(self) -> str | None:
+        clause, self._buf = self._buf.strip(), ""
+        if _speakable(clause):
+            self._emitted += 1
+            return clause
+        return None
+
+    def _find_cut(self) -> int | None:
+        buf = self._buf
+        min_chars = self.first_min_chars if self._emitted == 0 else self.min_clause_chars
+        # A punctuation mark counts only once the next character is known to be a space.
+        for i in range(len(buf) - 1):
+            ch = buf[i]
+            if not buf[i + 1].isspace():
+                continue
+            if ch in _SENTENCE_END:
+                if ch == "." and _ABBREVIATION.search(buf[: i + 1]):
+                    continue
+                return i + 1
+            if ch in _CLAUSE_END and len(buf[:i].strip()) >= min_chars:
+                return i + 1
+        if len(buf) > self.max_chars:
+            space = buf.rfind(" ", 0, self.max_chars)
+            return space if space > 0 else self.max_chars
+        return None
+
+
+def _speakable(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)

@@ -1,0 +1,116 @@
+"""A reply is an object: what the agent is saying in one turn, how far it got, what was heard.
+
+``Voice`` turns a clause into paced audio: TTS (22,050 Hz) → stateful resample to 8 kHz → µ-law →
+playout segment with a checkpoint at its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from ..audio import mulaw
+from ..audio.resample import StreamResampler
+from ..engines.types import TtsEngine
+from .playout import Playout, Segment, heard_text
+
+ReplyKind = Literal["welcome", "answer", "dtmf", "goodbye"]
+
+
+@dataclass
+class TurnTimings:
+    """Clock times of each stage of one caller turn → agent reply."""
+
+    onset: float | None = None
+    last_voiced: float | None = None
+    decided: float | None = None
+    transcript: float | None = None
+    first_token: float | None = None
+    first_clause: float | None = None
+    asr_ms: float | None = None
+
+    def as_ms(self, first_audio: float | None) -> dict[str, Any]:
+        if self.last_voiced is None:
+            return {}
+        base = self.last_voiced
+        out: dict[str, Any] = {}
+        for name, value in (
+            ("end_of_turn_ms", self.decided),
+            ("transcript_ms", self.transcript),
+            ("first_token_ms", self.first_token),
+            ("first_clause_ms", self.first_clause),
+            ("first_audio_ms", first_audio),
+        ):
+            out[name] = None if value is None else round((value - base) * 1000.0, 1)
+        if self.asr_ms is not None:
+            out["asr_ms"] = round(self.asr_ms, 1)
+        return out
+
+
+@dataclass(eq=False)
+class Reply:
+    id: int
+    kind: ReplyKind
+    input_text: str | None = None  # what the brain was asked (None for fixed text)
+    fixed_text: str | None = None
+    timings: TurnTimings = field(default_factory=TurnTimings)
+    segments: list[Segment] = field(default_factory=list)
+    clauses: list[str] = field(default_factory=list)
+    end_call: bool = False
+    transfer_to: str | None = None
+    started_at: float = 0.0
+    task: asyncio.Task[None] | None = None
+    finalized: bool = False
+    got_text: bool = False
+    brain_started: bool = False  # the brain has the caller's words in its history
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.clauses)
+
+    @property
+    def heard(self) -> str:
+        return heard_text(self.segments)
+
+    @property
+    def audio_sent(self) -> bool:
+        return any(seg.frames_sent for seg in self.segments)
+
+    @property
+    def first_audio(self) -> float | None:
+        times = [s.first_sent_at for s in self.segments if s.first_sent_at is not None]
+        return min(times) if times else None
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+
+class Voice:
+    """Speaks clauses into the playout, one segment per clause."""
+
+    def __init__(self, tts: TtsEngine, playout: Playout, *, speed: float = 1.0, out_rate: int = 8000):
+        self.tts = tts
+        self.playout = playout
+        self.speed = speed
+        self.out_rate = out_rate
+
+    async def speak(self, reply: Reply, clause: str) -> Segment:
+        seg = self.playout.begin(reply.id, clause)
+        reply.segments.append(seg)
+        resampler = StreamResampler(self.tts.sample_rate, self.out_rate, dtype=np.int16)
+        # aclosing: a cancelled reply must stop the synthesizer's generator now, not at GC time.
+        async with contextlib.aclosing(self.tts.synthesize(clause, speed=self.speed)) as chunks:  # type: ignore[type-var]
+            async for pcm in chunks:
+                out = resampler.process(np.asarray(pcm, dtype=np.int16))
+                if out.size:
+                    await self.playout.push(seg, mulaw.encode(out))
+        tail = resampler.flush()
+        if tail.size:
+            await self.playout.push(seg, mulaw.encode(tail.astype(np.int16)))
+        await self.playout.end(seg)
+        return seg

@@ -1,0 +1,390 @@
+"""One conversation (a chat session or a phone call): turns in, a stream of events out.
+
+A turn asks the model for one JSON answer under a grammar: speech (streamed as it is generated) or
+one function call. A call is checked (schema, grounded arguments), dispatched, its result added to
+the history and the model asked again, up to ``max_calls_per_turn``. Built-ins (``end_call``,
+``transfer_call``) come out as events for the call layer. Closing the event stream at any point
+stops generation at once; a call that was not dispatched yet is never sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..engines.types import LlmEngine
+from .dispatch import Dispatcher
+from .prompt import HistoryItem, build_prompt, clock, few_shot, system_message, turn_groups
+from .tools import (
+    BUILTINS,
+    Answer,
+    StreamingAnswer,
+    function_schema,
+    given_in,
+    humanize,
+    max_output_chars,
+    normalize_arguments,
+    output_schema,
+    say_max_chars,
+    ungrounded_arguments,
+    validate_arguments,
+)
+from .types import (
+    AgentConfig,
+    ConversationContext,
+    EndCall,
+    FunctionCallFinished,
+    FunctionCallStarted,
+    FunctionSpec,
+    TextDelta,
+    Transfer,
+    TurnDone,
+    TurnEvent,
+)
+
+log = logging.getLogger(__name__)
+
+APOLOGY = "I'm sorry, I couldn't do that right now. Is there anything else I can help you with?"
+NOT_UNDERSTOOD = "Sorry, I didn't quite get that. Could you say it again?"
+GOODBYE = "Thank you for calling. Goodbye!"
+TRANSFERRING = "Please hold while I transfer your call."
+
+
+class Retriever(Protocol):
+    """The knowledge service's search (or a test's): chunks with a ``text`` attribute, best first."""
+
+    async def search(
+        self, account_id: str, document_ids: Sequence[str], query: str, k: int
+    ) -> Sequence[Any]: ...
+
+
+@dataclass
+class Generation:
+    """One model call within a turn, for benchmarks and call records."""
+
+    raw: str = ""
+    answer: Answer | None = None
+    prompt_tokens: int = 0
+    pieces: int = 0
+    first_piece_s: float | None = None
+    first_text_s: float | None = None
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class TurnTrace:
+    generations: list[Generation] = field(default_factory=list)
+    retrieved: list[str] = field(default_factory=list)
+    ungrounded: list[str] = field(default_factory=list)
+
+
+class Conversation:
+    def __init__(
+        self,
+        agent: AgentConfig,
+        llm: LlmEngine,
+        context: ConversationContext,
+        *,
+        dispatcher: Dispatcher,
+        retriever: Retriever | None = None,
+        max_calls_per_turn: int = 3,
+        knowledge_k: int = 3,
+        history_max_items: int = 200,
+        few_shot_examples: bool = False,
+    ):
+        self.agent = agent
+        self.llm = llm
+        self.context = context
+        self.dispatcher = dispatcher
+        self.retriever = retriever
+        self.max_calls_per_turn = max_calls_per_turn
+        self.knowledge_k = knowledge_k
+        self.history_max_items = history_max_items
+        builtins = BUILTINS if context.channel == "phone" else ()
+        own = {f.name for f in agent.functions}
+        self.functions: tuple[FunctionSpec, ...] = agent.functions + tuple(
+            b for b in builtins if b.name not in own
+        )
+        # Off by default: measured on Qwen2.5-Coder-0.5B with the Qwen-style tool prompt, synthetic
+        # example turns pulled the model towards speaking instead of calling (scripts/bench_brain).
+        self.examples = few_shot(self.functions) if few_shot_examples else []
+        self.history: list[HistoryItem] = []
+        self.last_trace = TurnTrace()
+        # The function whose details the agent just asked for (see ``_complete_pending``).
+        self._pending: list[FunctionSpec] = []
+
+    # -- history edits from the call layer ---------------------------------------------------------
+    def add_assistant_message(self, text: str) -> None:
+        """Something the agent said outside a turn (the welcome message)."""
+        self.history.append(HistoryItem("say", text=text))
+
+    def record_heard(self, text: str, interrupted: bool = True) -> None:
+        """Replace the last spoken reply with what the caller actually heard before barging in."""
+        for item in reversed(self.history):
+            if item.kind == "say":
+                item.text = text
+                item.interrupted = interrupted
+                return
+            if item.kind == "user":
+                break
+        if text:
+            self.history.append(HistoryItem("say", text=text, interrupted=interrupted))
+
+    # -- a turn -----------------------------------------------------------------------------------
+    async def turn(self, user_text: str) -> AsyncGenerator[TurnEvent, None]:
+        """Answer one user message. Consume with ``contextlib.aclosing`` (or cancel the consuming
+        task): closing the generator stops the generation at once and an undispatched call is
+        never sent. Ends with ``TurnDone`` unless closed early."""
+        self.last_trace = trace = TurnTrace()
+        self.history.append(HistoryItem("user", text=user_text))
+        self._bound_history()
+        knowledge = await self._retrieve(user_text)
+        trace.retrieved = knowledge
+        called: set[str] = set()
+        pending, self._pending = self._pending, []
+        forced = await self._complete_pending(pending, user_text, knowledge) if pending else None
+        speech_only = False
+        for step in range(self.max_calls_per_turn + 1):
+            # A function already called this turn is not offered again: small models otherwise
+            # repeat the same call instead of speaking its result.
+            allowed = (
+                [f for f in self.functions if f.name not in called]
+                if step < self.max_calls_per_turn and not speech_only
+                else []
+            )
+            if step == 0 and forced is not None:
+                answer, allowed = forced, pending
+            else:
+                generation = Generation()
+                trace.generations.append(generation)
+                # aclosing: when our consumer stops, the generation below must stop with it at once.
+                async with contextlib.aclosing(self._generate(allowed, knowledge, generation)) as deltas:
+                    async for delta in deltas:
+                        yield TextDelta(delta)
+                assert generation.answer is not None
+                answer = generation.answer
+            if answer.say is not None:
+                text = answer.say.strip()
+                if not text:
+                    yield TextDelta(NOT_UNDERSTOOD)
+                    text = NOT_UNDERSTOOD
+                self.history.append(HistoryItem("say", text=text))
+                if text.endswith("?"):
+                    self._pending = self._asked_for(text)
+                yield TurnDone(text)
+                return
+            spec = next((f for f in allowed if f.name == answer.function), None)
+            arguments = normalize_arguments(spec, answer.arguments or {}) if spec else {}
+            problems = (
+                validate_arguments(spec, arguments) if spec else [f"unknown function {answer.function}"]
+            )
+            if answer.error or problems or spec is None:
+                log.warning("unusable model answer %r: %s", answer.raw[:200], answer.error or problems)
+                for event in self._say(NOT_UNDERSTOOD):
+                    yield event
+                return
+            missing = ungrounded_arguments(spec, arguments, self._grounding_sources())
+            if missing:
+                # The model filled in a detail the caller never gave: ask for it instead.
+                trace.ungrounded = missing
+                self._pending = [spec]
+                if knowledge:
+                    # With retrieved facts at hand the question may be one they answer (small
+                    # models over-trigger functions): let the model speak, and it can ask.
+                    speech_only = True
+                    continue
+                names = " and ".join(f"the {humanize(name)}" for name in missing)
+                for event in self._say(f"Sure, I can help with that. Could you tell me {names}?"):
+                    yield event
+                return
+            if spec.builtin:
+                for event in self._builtin(spec, arguments):
+                    yield event
+                return
+            called.add(spec.name)
+            yield FunctionCallStarted(spec.name, dict(arguments))
+            call_item = HistoryItem("call", name=spec.name, arguments=dict(arguments))
+            self.history.append(call_item)
+            result_item = HistoryItem("result", name=spec.name, ok=False, result="interrupted")
+            try:
+                merged = {**arguments, **dict(spec.fixed_parameters)}
+                result = await self.dispatcher.dispatch(spec, merged, self._handler_context())
+                result_item.ok = result.ok
+                result_item.result = result.result if result.ok else result.error
+            finally:
+                self.history.append(result_item)
+            yield FunctionCallFinished(spec.name, dict(arguments), result.result, result.ok, result.error)
+            if not result.ok:
+                # A fixed apology: the caller must hear that it failed, whatever the model does.
+                for event in self._say(APOLOGY):
+                    yield event
+                return
+        # Unreachable: the last step offers no function, so its answer is speech.
+        for event in self._say(NOT_UNDERSTOOD):  # pragma: no cover
+            yield event
+
+    def _asked_for(self, said: str) -> list[FunctionSpec]:
+        """Functions whose required detail the agent's question names ("What is your order
+        number?"): the caller's next message probably gives it."""
+        lowered = said.lower()
+        found = []
+        for spec in self.functions:
+            for param in spec.user_parameters:
+                if not param.required or param.enum:
+                    continue
+                labels = {humanize(param.name).lower()}
+                if 0 < len(param.description) <= 40:
+                    labels.add(param.description.lower().removeprefix("the ").rstrip("."))
+                if any(label and label in lowered for label in labels):
+                    found.append(spec)
+                    break
+        return found
+
+    async def _complete_pending(
+        self, pending: Sequence[FunctionSpec], user_text: str, knowledge: Sequence[str]
+    ) -> Answer | None:
+        """The agent asked for a detail last turn. Small models often just chat on when the caller
+        gives it ("It's 5 5 1 2 3"), so first ask for one of those calls alone (speech not allowed)
+        and keep it only if every value the model filled in comes from this very message."""
+        generation = Generation()
+        self.last_trace.generations.append(generation)
+        async with contextlib.aclosing(
+            self._generate(pending, knowledge, generation, speech=False)
+        ) as deltas:
+            async for _ in deltas:
+                pass
+        answer = generation.answer
+        spec = next((f for f in pending if answer is not None and f.name == answer.function), None)
+        if answer is None or answer.error or spec is None:
+            return None
+        arguments = answer.arguments or {}
+        if validate_arguments(spec, arguments) or not given_in(spec, arguments, user_text):
+            return None
+        return answer
+
+    async def _generate(
+        self,
+        allowed: Sequence[FunctionSpec],
+        knowledge: Sequence[str],
+        generation: Generation,
+        *,
+        speech: bool = True,
+    ) -> AsyncGenerator[str, None]:
+        """Run one grammar-constrained generation, yielding speech deltas; sets ``generation``.
+        ``speech=False`` forces a call of one of ``allowed``."""
+        now = clock(self.context)
+        if speech:
+            schema = output_schema(allowed, say_max_chars(self.agent.max_tokens))
+        elif len(allowed) == 1:
+            schema = function_schema(allowed[0])
+        else:
+            schema = {"oneOf": [function_schema(f) for f in allowed]}
+        max_tokens = max_output_chars(schema)
+        # The system message lists every function (a stable prompt prefix); the grammar decides
+        # which of them can be called at this step.
+        system = system_message(self.agent, self.context, self.functions, now)
+        prompt = build_prompt(
+            self.llm, system, self.history, knowledge=knowledge, examples=self.examples,
+            reserve_tokens=max_tokens,
+        )  # fmt: skip
+        generation.prompt_tokens = prompt.tokens
+        parser = StreamingAnswer()
+        started = time.monotonic()
+        finished = False
+        try:
+            stream = self.llm.stream(
+                prompt.text,
+                max_tokens=max_tokens,
+                temperature=self.agent.temperature,
+                json_schema=schema,
+            )
+            async with contextlib.aclosing(stream) as pieces:  # type: ignore[type-var]
+                async for piece in pieces:
+                    if generation.first_piece_s is None:
+                        generation.first_piece_s = time.monotonic() - started
+                    generation.pieces += 1
+                    delta = parser.feed(piece)
+                    if delta:
+                        if generation.first_text_s is None:
+                            generation.first_text_s = time.monotonic() - started
+                        yield delta
+            finished = True
+        finally:
+            generation.elapsed_s = time.monotonic() - started
+            generation.raw = parser.raw
+            if finished:
+                generation.answer = parser.result()
+            elif parser.said:
+                # Cut off mid-sentence (barge-in, cancelled request): keep what was generated; the
+                # call layer narrows it to what was heard with ``record_heard``.
+                self.history.append(HistoryItem("say", text=parser.said, interrupted=True))
+
+    def _say(self, text: str) -> Iterator[TurnEvent]:
+        self.history.append(HistoryItem("say", text=text))
+        yield TextDelta(text)
+        yield TurnDone(text)
+
+    def _builtin(self, spec: FunctionSpec, arguments: dict[str, Any]) -> Iterator[TurnEvent]:
+        self.history.append(HistoryItem("call", name=spec.name, arguments=dict(arguments)))
+        if spec.name == "end_call":
+            self.history.append(HistoryItem("say", text=GOODBYE))
+            yield TextDelta(GOODBYE)
+            yield EndCall()
+            yield TurnDone(GOODBYE)
+            return
+        number = str(arguments.get("number", "")).strip()
+        self.history.append(HistoryItem("say", text=TRANSFERRING))
+        yield TextDelta(TRANSFERRING)
+        yield Transfer(number)
+        yield TurnDone(TRANSFERRING)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    async def _retrieve(self, user_text: str) -> list[str]:
+        if self.retriever is None or not self.agent.document_ids or not user_text.strip():
+            return []
+        query = user_text
+        previous = [i.text for i in self.history[:-1] if i.kind == "user"]
+        if previous and len(user_text.split()) < 4:
+            # "And the price?" means little alone; the previous question gives it a subject.
+            query = f"{previous[-1]} {user_text}"
+        try:
+            chunks = await self.retriever.search(
+                self.agent.account_id, list(self.agent.document_ids), query, self.knowledge_k
+            )
+        except Exception:  # a broken index must not end the call; answer without it
+            log.exception("knowledge search failed for agent %s", self.agent.id)
+            return []
+        return [c if isinstance(c, str) else str(getattr(c, "text", "")) for c in chunks]
+
+    def _grounding_sources(self) -> list[str]:
+        sources = [i.text for i in self.history if i.kind == "user"]
+        sources += [json.dumps(i.result, ensure_ascii=False) for i in self.history if i.kind == "result"]
+        sources.append(self.agent.prompt)
+        sources += [str(v) for v in self.context.variables.values()]
+        sources += [n for n in (self.context.from_number, self.context.to_number) if n]
+        return sources
+
+    def _handler_context(self) -> dict[str, Any]:
+        ctx = self.context
+        return {
+            "agent_id": self.agent.id,
+            "session_id": ctx.session_id,
+            "call_uuid": ctx.session_id if ctx.channel == "phone" else None,
+            "channel": ctx.channel,
+            "from": ctx.from_number,
+            "to": ctx.to_number,
+            "direction": ctx.direction,
+        }
+
+    def _bound_history(self) -> None:
+        if len(self.history) <= self.history_max_items:
+            return
+        groups = turn_groups(self.history)
+        while len(groups) > 1 and sum(len(g) for g in groups) > self.history_max_items:
+            groups.pop(0)
+        self.history = [item for group in groups for item in group]

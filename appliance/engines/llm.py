@@ -1,0 +1,402 @@
+"""Local LLM on llama.cpp (llama-cpp-python): streamed, cancellable, optionally grammar-constrained.
+
+One ``Llama`` context is not thread-safe and holds the KV cache of its last evaluation. Every
+generation therefore runs on the engine's single worker thread: requests queue there, and each call
+reuses the longest common token prefix of the previous one (llama-cpp-python does this by itself as
+long as the same ``Llama`` object is called with a token list that starts the same way), so a
+conversation's system prompt and history are not re-evaluated every turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import re
+import struct
+import threading
+import time
+import weakref
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import llama_cpp
+import numpy as np
+
+from ..model_manifest import ModelCorrupt, ModelNotInstalled
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+# Pieces a consumer may fall behind before the worker waits for it. Small: a stalled consumer
+# (a caller that stopped reading) should cost a few tokens of wasted work, not a whole reply.
+QUEUE_SIZE = 8
+# JSON string characters allowed by the grammar: no quote, no backslash (escapes have their own
+# rule), and no control characters, so a small model cannot loop on raw newlines inside a string.
+STRICT_STRING_CHAR = r'[^"\\\x7F\x00-\x1F]'
+_CHAR_RULE = re.compile(r'^(char ::= )\[\^"\\\\\](.*)$', re.MULTILINE)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit the context window (leave room for the reply)."""
+
+
+@dataclass
+class GenerationStats:
+    """Timings and counts of one generation, for benchmarks and logs."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the previous evaluation's KV cache
+    completion_tokens: int = 0
+    queued_s: float = 0.0  # waiting behind other generations on this engine
+    first_token_s: float | None = None  # from the start of this generation (excludes queueing)
+    total_s: float = 0.0
+    finish: str = ""  # "stop" | "length" | "cancelled" | "error"
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode = self.total_s - (self.first_token_s or 0.0)
+        return (self.completion_tokens - 1) / decode if self.completion_tokens > 1 and decode > 0 else 0.0
+
+
+_END = object()
+
+
+@dataclass(eq=False)  # identity hashing: jobs live in a set
+class _Job:
+    """What the event-loop side and the worker thread share for one generation."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    # The queue itself is unbounded on the loop side; these credits bound it from the thread side,
+    # so the worker blocks (without touching the loop) while the consumer is QUEUE_SIZE pieces behind.
+    credits: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(QUEUE_SIZE))
+    stop: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def post(self, item: object) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.stop.set()
+
+    def send(self, piece: str) -> bool:
+        """Worker side: deliver one piece, waiting for room. False once the consumer has gone."""
+        self.credits.acquire()
+        if self.stop.is_set():
+            return False
+        self.post(piece)
+        return True
+
+    def cancel(self) -> None:
+        self.stop.set()
+        self.credits.release()  # wakes a worker blocked in send()
+
+
+def check_gguf(path: Path, model_id: str) -> None:
+    """Fail with a message naming the file before llama.cpp sees something that is not a GGUF."""
+    if not path.is_file():
+        raise ModelNotInstalled(
+            f"{path}: model file missing; run `python -m appliance models install {model_id}`"
+        )
+    with path.open("rb") as fh:
+        header = fh.read(8)
+    if len(header) < 8 or header[:4] != GGUF_MAGIC:
+        raise ModelCorrupt(f"{path}: not a GGUF model file (header {header[:4]!r}, expected {GGUF_MAGIC!r})")
+    (version,) = struct.unpack("<I", header[4:8])
+    if version not in (2, 3):
+        raise ModelCorrupt(f"{path}: unsupported GGUF version {version}")
+
+
+def tighten_string_chars(gbnf: str) -> str:
+    """Replace the JSON string character class of a generated grammar with one that excludes
+    control characters (see ``STRICT_STRING_CHAR``)."""
+    tightened, count = _CHAR_RULE.subn(lambda m: m.group(1) + STRICT_STRING_CHAR + m.group(2), gbnf)
+    if count == 0 and re.search(r"^char ::=", gbnf, re.MULTILINE):
+        raise ValueError("unexpected string rule in generated grammar; cannot tighten it")
+    return tightened
+
+
+class LlamaLlm:
+    def __init__(
+        self, model_id: str, model_path: Path, *, context_size: int, threads: int, gpu_layers: int = 0
+    ):
+        self.model_id = model_id
+        self.model_path = Path(model_path)
+        self.context_size = context_size
+        self.last_stats = GenerationStats()
+        check_gguf(self.model_path, model_id)
+        try:
+            self._llama = _Llama(
+                model_path=str(self.model_path), n_ctx=context_size, n_threads=threads,
+                n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=False,
+            )  # fmt: skip
+        except ValueError as exc:  # llama-cpp-python reports any load failure as ValueError
+            raise ModelCorrupt(f"{self.model_path}: llama.cpp could not load it ({exc})") from exc
+        self.context_size = int(self._llama.n_ctx())  # what llama.cpp actually allocated
+        self._add_bos = bool(self._llama._model.add_bos_token())
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llm-{model_id}")
+        self._jobs: set[_Job] = set()
+        self._running = threading.Event()
+        self._grammars: dict[str, Any] = {}
+        self._grammar_lock = threading.Lock()
+        self._template = self._compile_template()
+        self._closed = False
+        # The first evaluation allocates compute buffers and pages the weights in.
+        self._llama.create_completion(self._tokenize("Hello"), max_tokens=2, temperature=0.0)
+
+    # -- prompts -----------------------------------------------------------------------------
+    def _compile_template(self) -> Any:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        source = self._llama.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        try:
+            return env.from_string(source)
+        except TemplateError:
+            log.warning("%s: chat template in GGUF does not compile; using ChatML", self.model_id)
+            return env.from_string(CHATML_TEMPLATE)
+
+    def format_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        model = self._llama._model
+        rendered: str = self._template.render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=model.token_get_text(self._llama.token_bos()) if self._add_bos else "",
+            eos_token=model.token_get_text(self._llama.token_eos()),
+        )
+        return rendered
+
+    def _tokenize(self, text: str) -> list[int]:
+        tokens: list[int] = self._llama.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
+        return tokens
+
+    def count_tokens(self, text: str) -> int:
+        # Tokenising reads only the vocabulary, never the context, so it is safe beside a generation.
+        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    # -- grammar -----------------------------------------------------------------------------
+    def grammar_text(self, schema: dict[str, Any]) -> str:
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        return tighten_string_chars(json_schema_to_gbnf(json.dumps(schema)))
+
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        key = json.dumps(schema, sort_keys=True)
+        with self._grammar_lock:
+            grammar = self._grammars.get(key)
+            if grammar is None:
+                grammar = llama_cpp.LlamaGrammar.from_string(self.grammar_text(schema), verbose=False)
+                if len(self._grammars) >= 256:  # schemas come from agent configs: few, but bound it
+                    self._grammars.pop(next(iter(self._grammars)))
+                self._grammars[key] = grammar
+            return grammar
+
+    # -- generation --------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """True while the worker thread is inside a generation."""
+        return self._running.is_set()
+
+    def _generate(
+        self, job: _Job, prompt: str, max_tokens: int, temperature: float,
+        json_schema: dict[str, Any] | None, stop: list[str],
+    ) -> None:  # fmt: skip
+        """Worker thread: run one completion, posting text pieces to ``job``; always posts _END."""
+        stats = job.stats
+        started = time.monotonic()
+        stats.queued_s = started - job.submitted
+        job.started.set()
+        self._running.set()
+        try:
+            if job.stop.is_set():
+                stats.finish = "cancelled"
+                return
+            grammar = self._grammar(json_schema) if json_schema is not None else None
+            tokens = self._tokenize(prompt)
+            stats.prompt_tokens = len(tokens)
+            if len(tokens) + 1 >= self.context_size:
+                raise PromptTooLong(
+                    f"prompt of {len(tokens)} tokens does not fit {self.model_id}'s context of "
+                    f"{self.context_size}"
+                )
+            llama = self._llama
+            stats.cached_tokens = _common_prefix(llama._input_ids.tolist(), tokens)
+            stats.finish = "length"
+
+            def after_token(_ids: Any, _logits: Any) -> bool:
+                # Runs after every sampled token, including ones held back while a stop string may
+                # be forming, so cancellation never waits for the next visible piece.
+                stats.completion_tokens += 1
+                return job.stop.is_set()
+
+            chunks = llama.create_completion(
+                tokens, max_tokens=max_tokens, temperature=temperature, stop=stop or [],
+                grammar=grammar, stream=True, stopping_criteria=llama_cpp.StoppingCriteriaList([after_token]),
+            )  # fmt: skip
+            for chunk in cast(Iterator[dict[str, Any]], chunks):
+                choice = chunk["choices"][0]
+                text: str = choice["text"]
+                if text:
+                    if stats.first_token_s is None:
+                        stats.first_token_s = time.monotonic() - started
+                    if not job.send(text):
+                        break
+                if choice.get("finish_reason"):
+                    stats.finish = choice["finish_reason"]
+            if job.stop.is_set():
+                stats.finish = "cancelled"
+        except Exception:
+            stats.finish = "error"
+            raise
+        finally:
+            stats.total_s = time.monotonic() - started
+            self.last_stats = stats
+            self._running.clear()
+            job.post(_END)
+
+    async def stream(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        json_schema: dict[str, Any] | None = None,
+        stop: Sequence[str] = (),
+    ) -> AsyncGenerator[str, None]:
+        if self._closed:
+            raise RuntimeError(f"LLM {self.model_id} is closed")
+        loop = asyncio.get_running_loop()
+        job = _Job(loop)
+        self._jobs.add(job)
+        future = loop.run_in_executor(
+            self._executor, self._generate, job, prompt, max_tokens, temperature, json_schema, list(stop)
+        )
+        try:
+            while True:
+                item = await job.queue.get()
+                if item is _END:
+                    break
+                job.credits.release()
+                yield str(item)
+            await future  # re-raises the worker's exception, if any
+        finally:
+            job.cancel()
+            if not job.started.is_set():
+                future.cancel()  # still queued behind another generation: drop it from the queue
+            # The worker checks the flag after every token, so this waits for one token at most
+            # and no further tokens are computed once we return.
+            await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # mark retrieved; it was raised above if it mattered
+            self._jobs.discard(job)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for job in list(self._jobs):
+            job.cancel()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._llama.close()
+
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class _GrammarFirstGreedy:
+    """Greedy sampling under a grammar, checking the grammar against the argmax token first.
+
+    llama.cpp's grammar sampler tests every vocabulary entry against the grammar at every step;
+    with Qwen's 152k-token vocabulary that costs more than the forward pass itself. For greedy
+    decoding the result is the same if we take the argmax, ask the grammar about that one token, and
+    fall back to the full check only when it is rejected (llama.cpp's own common sampler does this).
+    """
+
+    def __init__(self, llama: llama_cpp.Llama, grammar: llama_cpp.LlamaGrammar):
+        self._vocab = llama._model.vocab
+        self._n_vocab = llama.n_vocab()
+        ptr = llama_cpp.llama_sampler_init_grammar(
+            self._vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+        )
+        if not ptr:
+            raise ValueError("llama.cpp could not parse the grammar")
+        self._grammar = ptr
+        # Freed when generate() replaces this sampler with the next one and it is collected.
+        weakref.finalize(self, llama_cpp.llama_sampler_free, ptr)
+        self._one = np.zeros(1, dtype=_TOKEN_DATA)
+        self._one_p = llama_cpp.llama_token_data_array(
+            data=self._one.ctypes.data_as(llama_cpp.llama_token_data_p), size=1, selected=-1, sorted=False
+        )
+        self._all = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
+        self._all_p = llama_cpp.llama_token_data_array(
+            data=self._all.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=self._n_vocab, selected=-1, sorted=False,
+        )  # fmt: skip
+        self._ids = np.arange(self._n_vocab, dtype=np.int32)
+
+    def sample(self, ctx: Any, idx: int = -1) -> int:
+        logits_p = llama_cpp.llama_get_logits_ith(ctx.ctx, idx)
+        logits = np.ctypeslib.as_array(logits_p, shape=(self._n_vocab,))
+        token = int(np.argmax(logits))
+        self._one[0] = (token, logits[token], 0.0)
+        self._one_p.size, self._one_p.selected = 1, -1
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._one_p))
+        if not np.isfinite(self._one["logit"][0]):  # rejected: mask the whole vocabulary
+            self._all["id"] = self._ids
+            self._all["logit"] = logits
+            self._all_p.size, self._all_p.selected = self._n_vocab, -1
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._all_p))
+            best = int(np.argmax(self._all["logit"]))
+            if not np.isfinite(self._all["logit"][best]):
+                # Nothing is allowed (cannot happen with a well-formed grammar): end the output
+                # rather than feed the grammar a token it rejects, which aborts inside llama.cpp.
+                return int(llama_cpp.llama_vocab_eos(self._vocab))
+            token = int(self._all["id"][best])
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        return token
+
+
+class _Llama(llama_cpp.Llama):
+    """``Llama`` with the grammar-first greedy sampler for constrained greedy generations."""
+
+    grammar_first = True  # False: llama.cpp's own full-vocabulary grammar sampler (for comparison)
+
+    def _init_sampler(self, **kwargs: Any) -> Any:  # type: ignore[override]
+        plain = (
+            kwargs.get("temp") == 0.0
+            and kwargs.get("logits_processor") is None
+            and kwargs.get("repeat_penalty", 1.0) == 1.0
+            and kwargs.get("frequency_penalty", 0.0) == 0.0
+            and kwargs.get("presence_penalty", 0.0) == 0.0
+        )
+        if kwargs.get("grammar") is not None and plain and self.grammar_first:
+            return _GrammarFirstGreedy(self, kwargs["grammar"])
+        return super()._init_sampler(**kwargs)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

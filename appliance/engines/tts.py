@@ -1,0 +1,143 @@
+"""Piper text-to-speech (piper-tts 1.8, onnxruntime), streamed sentence by sentence.
+
+Piper's ``synthesize`` is a blocking generator that phonemizes the text (espeak-ng) and then runs the
+voice model once per sentence. We step it one sentence per job on a small worker pool and hand each
+sentence's int16 samples to the caller through a bounded queue: the caller hears the first sentence
+while the next is being synthesized, a slow consumer holds the producer back (at most
+``QUEUE_CHUNKS`` sentences wait) without holding a worker thread, and closing the async iterator (or
+cancelling its consumer) stops synthesis before the next sentence.
+
+We build the onnxruntime session ourselves instead of ``PiperVoice.load`` because ``load`` leaves
+thread counts at onnxruntime's default (all cores), which oversubscribes a small machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, Generator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..model_manifest import ModelError
+from .types import Int16Array
+
+log = logging.getLogger(__name__)
+
+QUEUE_CHUNKS = 2
+_DONE = object()
+
+
+class TtsLoadError(ModelError):
+    """The voice files are missing or unreadable; the message names the file."""
+
+
+class PiperTts:
+    def __init__(self, voice_id: str, model_dir: Path, *, threads: int = 1, workers: int = 2):
+        from piper import PiperVoice
+        from piper.config import PiperConfig
+
+        self.voice_id = voice_id
+        self.model_dir = Path(model_dir)
+        model_path = self.model_dir / "voice.onnx"
+        config_path = self.model_dir / "voice.onnx.json"
+        for path in (model_path, config_path):
+            if not path.is_file():
+                raise TtsLoadError(f"voice {voice_id}: missing file {path}")
+        try:
+            config = PiperConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TtsLoadError(f"voice {voice_id}: invalid voice config {config_path}: {exc}") from exc
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(
+                str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
+            raise TtsLoadError(f"voice {voice_id}: cannot load {model_path}: {exc}") from exc
+        self._voice = PiperVoice(session=session, config=config)
+        self.sample_rate: int = config.sample_rate
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"tts-{voice_id}")
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        started = time.perf_counter()
+        for _ in self._chunks("Hello there.", 1.0):
+            pass
+        log.info("tts %s warm in %.2fs", self.voice_id, time.perf_counter() - started)
+
+    def _chunks(self, text: str, speed: float) -> Generator[Int16Array, None, None]:
+        from piper.config import SynthesisConfig
+
+        config = SynthesisConfig(length_scale=self._voice.config.length_scale / speed)
+        for chunk in self._voice.synthesize(text, syn_config=config):
+            yield chunk.audio_int16_array
+
+    def synthesize_sync(self, text: str, *, speed: float = 1.0) -> Int16Array:
+        """The whole utterance at once (tests, benchmarks, offline rendering)."""
+        parts = list(self._chunks(text, _check_speed(speed))) if text.strip() else []
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+
+    async def synthesize(self, text: str, *, speed: float = 1.0) -> AsyncGenerator[Int16Array, None]:
+        """Yield mono int16 PCM at ``sample_rate``, one chunk per sentence, as each is produced."""
+        speed = _check_speed(speed)
+        if not text.strip():
+            return
+        queue: asyncio.Queue[object] = asyncio.Queue(maxsize=QUEUE_CHUNKS)
+        producer = asyncio.create_task(self._produce(self._chunks(text, speed), queue))
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            # Closed or cancelled early: stop before the next sentence. A sentence already being
+            # synthesized in the worker finishes there and is dropped; the producer itself ends at
+            # once, and ``asyncio.wait`` neither raises its cancellation nor swallows ours.
+            producer.cancel()
+            await asyncio.wait([producer])
+
+    async def _produce(
+        self, sentences: Generator[Int16Array, None, None], queue: asyncio.Queue[object]
+    ) -> None:
+        """Step the blocking Piper generator one sentence per worker job, so a thread is held only
+        while synthesizing, never while the consumer is slow (the wait happens here, on the queue)."""
+        job: Future[Int16Array | None] | None = None
+        try:
+            while True:
+                job = self._executor.submit(next, sentences, None)
+                pcm = await asyncio.wrap_future(job)
+                if pcm is None:
+                    break
+                await queue.put(pcm)
+        except Exception as exc:  # handed to the consumer and raised there
+            await queue.put(exc)
+            return
+        finally:
+            # Release Piper's generator as soon as no worker is inside it: now, or when the sentence
+            # still being synthesized for a consumer that left is done.
+            if job is None:
+                sentences.close()
+            else:
+                job.add_done_callback(lambda _: sentences.close())
+        await queue.put(_DONE)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_speed(speed: float) -> float:
+    if not 0.25 <= speed <= 4.0:
+        raise ValueError(f"speed must be between 0.25 and 4.0, got {speed}")
+    return speed

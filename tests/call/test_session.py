@@ -1,0 +1,308 @@
+"""The call session driven by a scripted timeline on a virtual clock, with scripted engines."""
+
+from __future__ import annotations
+
+import asyncio
+
+from appliance.call.session import is_backchannel
+from appliance.conversation.types import EndCall, FunctionCallFinished, FunctionCallStarted, Transfer
+
+from .fakes import ScriptedBrain, make_harness, tone
+
+LONG_ANSWER = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen."
+
+
+async def test_welcome_plays_first_and_is_recorded() -> None:
+    h = make_harness(welcome="Hello, this is the clinic.")
+    await h.start()
+    await h.clock.advance(0.05)
+    assert h.sink.plays(), "welcome audio starts at once"
+    await h.clock.advance(1.0)
+    assert h.tts.spoken == ["Hello, this is the clinic."]
+    assert h.brain.assistant == ["Hello, this is the clinic."]
+    (turn,) = h.recorder.turns
+    assert turn.role == "agent" and not turn.interrupted and turn.heard_text == turn.text
+    await h.stop()
+
+
+async def test_empty_welcome_waits_for_the_caller() -> None:
+    h = make_harness(welcome="   ")
+    await h.start()
+    await h.silence(1000)
+    assert h.sink.sent == [] and h.brain.turns == []
+    await h.stop()
+
+
+async def test_a_caller_turn_is_transcribed_answered_and_timed() -> None:
+    h = make_harness(asr_script=lambda s: "what are your hours")
+    await h.start()
+    await h.feed(tone(800))
+    voiced_end = h.clock.now()
+    await h.silence(2000)
+    assert h.brain.turns == ["what are your hours"]
+    assert h.tts.spoken == ["You said what are your hours."]
+    first_play = h.sink.plays()[0].at
+    # The turn ends ~600 ms after the last voiced frame, and audio follows at once.
+    assert 0.55 <= first_play - voiced_end <= 0.75
+    await h.silence(1000)
+    caller, agent = h.recorder.turns
+    assert caller.role == "caller" and caller.text == "what are your hours"
+    t = agent.timings
+    assert set(t) >= {
+        "end_of_turn_ms",
+        "transcript_ms",
+        "first_token_ms",
+        "first_clause_ms",
+        "first_audio_ms",
+    }
+    assert 600 <= t["end_of_turn_ms"] <= t["transcript_ms"] <= t["first_token_ms"] <= t["first_clause_ms"]
+    assert t["first_clause_ms"] <= t["first_audio_ms"] < 800
+    await h.stop()
+
+
+async def test_utterances_are_answered_in_order_even_when_asr_is_slow() -> None:
+    h = make_harness()
+    texts = iter(["first question", "second question"])
+    h.asr.script = lambda s: next(texts, "extra")
+    h.asr.hold = asyncio.Event()
+    await h.start()
+    await h.feed(tone(600))
+    await h.silence(800)  # turn 1 ended, its transcription is stuck
+    await h.feed(tone(600))
+    await h.silence(800)  # turn 2 ended too
+    assert h.brain.turns == []
+    h.asr.hold.set()
+    await h.silence(2000)
+    # Nothing is lost: the brain is asked both, in order (together, if the first reply was cut
+    # before the brain saw it).
+    asked = " ".join(h.brain.turns)
+    assert asked.index("first question") < asked.index("second question")
+    callers = [t.text for t in h.recorder.turns if t.role == "caller"]
+    assert callers == ["first question", "second question"]
+    await h.stop()
+
+
+async def test_clicks_and_coughs_are_not_turns() -> None:
+    h = make_harness()
+    await h.start()
+    for _ in range(3):
+        await h.feed(tone(100))
+        await h.silence(900)
+    assert h.asr.calls == [] and h.brain.turns == []
+    await h.stop()
+
+
+async def _agent_talking(h, answer: str = LONG_ANSWER) -> None:
+    h.brain.script = lambda text: [answer]
+    await h.feed(tone(600))
+    await h.silence(1000)
+    assert h.sink.plays(), "agent is talking"
+
+
+async def test_barge_in_pauses_fast_then_clears_and_keeps_only_heard_words() -> None:
+    h = make_harness(asr_script=lambda s: "wait, I have another question")
+    await h.start()
+    await _agent_talking(h)
+    onset = h.clock.now()
+    await h.feed(tone(200))
+    # Paused: after the VAD start windows and the lead, nothing new goes out.
+    last_play = h.sink.plays()[-1].at
+    assert last_play - onset <= 0.1
+    n = len(h.sink.plays())
+    await h.feed(tone(1300))
+    assert len(h.sink.plays()) == n
+    assert "clear" in h.sink.kinds()
+    await h.silence(1500)
+    agent_turns = [t for t in h.recorder.turns if t.role == "agent"]
+    first = agent_turns[0]
+    assert first.interrupted
+    assert first.heard_text and LONG_ANSWER.startswith(first.heard_text)
+    assert len(first.heard_text.split()) < len(LONG_ANSWER.split())
+    assert h.brain.heard[0] == (first.heard_text, True)
+    # The barge-in's words are the next turn.
+    assert h.brain.turns[-1] == "wait, I have another question"
+    assert h.session.barge_ins == 1
+    await h.stop()
+
+
+async def test_a_noise_burst_pauses_then_resumes_without_losing_audio() -> None:
+    h = make_harness()
+    await h.start()
+    await _agent_talking(h)
+    await h.feed(tone(120))  # a clap
+    await h.silence(4000)
+    assert "clear" not in h.sink.kinds()
+    assert h.session.resumes == 1 and h.session.barge_ins == 0
+    agent = [t for t in h.recorder.turns if t.role == "agent"]
+    assert agent and not agent[0].interrupted and agent[0].heard_text == LONG_ANSWER
+    # Every frame of the answer was sent: 15 words x 100 ms = 75 frames (+ padding).
+    assert len(h.sink.plays()) >= 75
+    await h.stop()
+
+
+async def test_a_single_voiced_window_holds_the_agent_briefly_then_it_carries_on() -> None:
+    h = make_harness()
+    await h.start()
+    await _agent_talking(h)
+    blip_at = h.clock.now()
+    await h.feed(tone(40))  # one VAD window: not speech, but it may be the start of it
+    await h.silence(60)
+    held = h.sink.plays(after=blip_at + 0.03, before=blip_at + 0.1)
+    assert held == [], "paused within a frame of the first voiced window"
+    await h.silence(3000)
+    assert h.sink.plays(after=blip_at + 0.2), "and resumed when no speech followed"
+    assert "clear" not in h.sink.kinds() and h.session.barge_ins == 0
+    await h.stop()
+
+
+async def test_a_backchannel_resumes_the_answer() -> None:
+    h = make_harness()
+    h.asr.script = lambda s: "hello" if len(h.asr.calls) == 1 else "Mm-hmm."
+    await h.start()
+    h.brain.script = lambda text: [LONG_ANSWER]
+    await h.feed(tone(1100))
+    await h.silence(1000)
+    await h.feed(tone(400))
+    await h.silence(3000)
+    assert "clear" not in h.sink.kinds()
+    assert h.brain.turns == ["hello"]
+    assert h.session.resumes == 1
+    await h.stop()
+
+
+async def test_short_real_words_interrupt_once_transcribed() -> None:
+    h = make_harness()
+    h.asr.script = lambda s: "hello" if len(h.asr.calls) == 1 else "stop"
+    await h.start()
+    h.brain.script = lambda text: [LONG_ANSWER]
+    await h.feed(tone(1100))
+    await h.silence(1000)
+    await h.feed(tone(400))
+    await h.silence(1500)
+    assert "clear" in h.sink.kinds()
+    assert h.brain.turns == ["hello", "stop"]
+    await h.stop()
+
+
+async def test_quiet_audio_never_barges_in_even_if_vad_says_speech() -> None:
+    h = make_harness()
+    await h.start()
+    await _agent_talking(h)
+    # Echo-level residue: the gate stops it before the VAD/turn detector.
+    h.session.config = h.session.config.__class__(min_speech_rms=10_000)
+    await h.feed(tone(1500))
+    await h.silence(2000)
+    assert "clear" not in h.sink.kinds() and h.session.barge_ins == 0
+    await h.stop()
+
+
+async def test_dtmf_reaches_the_brain_as_text() -> None:
+    h = make_harness()
+    await h.start()
+    h.session.feed_dtmf("5")
+    await h.clock.advance(0.5)
+    assert h.brain.turns == ["The caller pressed 5."]
+    await h.stop()
+
+
+async def test_end_call_says_goodbye_waits_for_playout_then_hangs_up() -> None:
+    brain = ScriptedBrain(script=lambda text: ["Thanks for calling, goodbye.", EndCall()])
+    h = make_harness(brain=brain)
+    await h.start()
+    await h.feed(tone(600))
+    await h.silence(700)
+    assert h.control.hangups == 0  # still saying goodbye
+    await h.clock.advance(2.0)
+    assert h.control.hangups == 1
+    assert h.task is not None and h.task.done()
+    plays = h.sink.plays()
+    assert len(plays) >= 20  # 4 words of goodbye were played before hanging up
+    finished = h.recorder.finished
+    assert finished is not None and finished.hangup_cause == "agent_hangup"
+
+
+async def test_end_call_without_text_still_says_goodbye() -> None:
+    h = make_harness(brain=ScriptedBrain(script=lambda text: [EndCall()]))
+    await h.start()
+    await h.feed(tone(600))
+    await h.silence(700)
+    await h.clock.advance(2.0)
+    assert h.tts.spoken == ["Goodbye."] and h.control.hangups == 1
+
+
+async def test_transfer_goes_through_call_control() -> None:
+    h = make_harness(
+        brain=ScriptedBrain(script=lambda text: ["Transferring you now.", Transfer("+15550001")])
+    )
+    await h.start()
+    await h.feed(tone(600))
+    await h.silence(700)
+    await h.clock.advance(3.0)
+    assert h.control.transfers == ["+15550001"]
+    finished = h.recorder.finished
+    assert finished is not None and finished.status == "transferred"
+
+
+async def test_function_calls_are_recorded() -> None:
+    brain = ScriptedBrain(
+        script=lambda text: [
+            FunctionCallStarted("book", {"day": "monday"}),
+            FunctionCallFinished("book", {"day": "monday"}, {"ok": True}, True),
+            "Booked for Monday.",
+        ]
+    )
+    h = make_harness(brain=brain)
+    await h.start()
+    await h.feed(tone(600))
+    await h.silence(2000)
+    (fc,) = h.recorder.function_calls
+    assert fc.name == "book" and fc.arguments == {"day": "monday"} and fc.result == {"ok": True}
+    await h.stop()
+
+
+async def test_call_timeout_says_goodbye_and_hangs_up() -> None:
+    h = make_harness(call_timeout_s=5.0)
+    await h.start()
+    await _agent_talking(h, LONG_ANSWER * 4)
+    await h.clock.advance(3.5)
+    assert h.control.hangups == 0
+    await h.clock.advance(10.0)
+    assert h.control.hangups == 1
+    assert "reached the time limit for this call. Goodbye." in " ".join(h.tts.spoken[-2:])
+    assert "clear" in h.sink.kinds()  # the answer in progress was cut for the goodbye
+    finished = h.recorder.finished
+    assert finished is not None and finished.hangup_cause == "call_timeout"
+
+
+async def test_hangup_cancels_everything_and_leaves_no_task() -> None:
+    before = set(asyncio.all_tasks())
+    gate = asyncio.Event()
+    h = make_harness(welcome="Hi.", brain=ScriptedBrain(gate=gate))
+    await h.start()
+    await h.feed(tone(600))
+    await h.silence(800)  # the brain is now stuck waiting
+    assert h.brain.turns
+    await h.stop()
+    await h.clock.settle()
+    assert h.brain.cancelled == 1
+    assert set(asyncio.all_tasks()) - before <= {asyncio.current_task()}
+    finished = h.recorder.finished
+    assert finished is not None and finished.hangup_cause == "caller_hangup"
+    # Audio after the hang-up is ignored, not queued.
+    h.session.feed_media(b"\xff" * 160)
+    assert h.session._inbound.qsize() == 0
+
+
+async def test_hangup_mid_answer_records_heard_part() -> None:
+    h = make_harness()
+    await h.start()
+    await _agent_talking(h)
+    await h.clock.advance(0.5)
+    await h.stop()
+    agent = [t for t in h.recorder.turns if t.role == "agent"]
+    assert agent[-1].interrupted and LONG_ANSWER.startswith(agent[-1].heard_text or "")
+
+
+def test_backchannel_words() -> None:
+    assert is_backchannel("Mm-hmm.") and is_backchannel("okay, yeah") and is_backchannel("")
+    assert not is_backchannel("wait") and not is_backchannel("okay but what about Monday")

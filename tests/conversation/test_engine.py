@@ -1,0 +1,326 @@
+"""Conversation turns with a scripted fake LLM (deterministic, fast) and a real local handler server:
+event order, streaming, dispatch with fixed parameters, failures, grounding, built-ins, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from appliance.conversation import (
+    Conversation,
+    ConversationContext,
+    EndCall,
+    FunctionCallFinished,
+    FunctionCallStarted,
+    HttpDispatcher,
+    TextDelta,
+    Transfer,
+    TurnDone,
+    TurnEvent,
+)
+from appliance.conversation.engine import APOLOGY, NOT_UNDERSTOOD
+
+from .conftest import HandlerServer, ScriptedLlm, closed_port_url, seed_agent
+
+
+def _call(name: str, **arguments: Any) -> str:
+    return json.dumps({"name": name, "arguments": arguments})
+
+
+def _say(text: str) -> str:
+    return json.dumps({"say": text})
+
+
+@pytest.fixture
+async def dispatcher() -> AsyncIterator[HttpDispatcher]:
+    d = HttpDispatcher(timeout_s=1.0, max_reply_bytes=4096)
+    yield d
+    await d.aclose()
+
+
+def _conversation(
+    llm: ScriptedLlm, dispatcher: HttpDispatcher, url: str, channel: str = "chat", **agent: Any
+) -> Conversation:
+    ctx = ConversationContext(
+        session_id="s-1", channel=channel, from_number="+14155550100", to_number="+14155550199",  # type: ignore[arg-type]
+        now=datetime(2026, 11, 25, 17, 50, tzinfo=UTC),
+    )  # fmt: skip
+    transfer_url = url.rsplit("/", 1)[0] + "/transfer"
+    return Conversation(seed_agent(url, transfer_url=transfer_url, **agent), llm, ctx, dispatcher=dispatcher)
+
+
+async def _run(conversation: Conversation, text: str) -> list[TurnEvent]:
+    return [event async for event in conversation.turn(text)]
+
+
+async def test_speech_streams_in_pieces_and_ends_with_turn_done(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm([_say("Hello! How can I help you today?")], piece_size=2)
+    events = await _run(_conversation(llm, dispatcher, handler.url("/order")), "hi")
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) > 5
+    assert "".join(deltas) == "Hello! How can I help you today?"
+    assert events[-1] == TurnDone("Hello! How can I help you today?")
+    assert llm.schemas[0] is not None and "oneOf" in llm.schemas[0]
+
+
+async def test_function_call_dispatches_with_fixed_parameters_and_result_reaches_the_answer(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm(
+        [_call("get_order_status", order_id="12345"), _say("Your order 12345 has shipped, arriving Friday.")]
+    )
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    events = await _run(conversation, "Where is my order 12345?")
+    assert events[0] == FunctionCallStarted("get_order_status", {"order_id": "12345"})
+    finished = events[1]
+    assert isinstance(finished, FunctionCallFinished) and finished.ok
+    assert finished.arguments == {"order_id": "12345"}  # the secret is not in the event
+    assert finished.result == {"order_id": "12345", "status": "shipped, arriving Friday"}
+    body = handler.bodies("/order")[0]
+    assert body["arguments"] == {"order_id": "12345", "api_key": "secret-key-1"}
+    assert body["context"]["agent_id"] == "agent-1" and body["context"]["session_id"] == "s-1"
+    assert body["context"]["from"] == "+14155550100" and body["context"]["to"] == "+14155550199"
+    # The second generation saw the handler's reply, was not offered the same function again,
+    # and never saw the fixed parameter.
+    assert "shipped, arriving Friday" in llm.prompts[1]
+    second = json.dumps(llm.schemas[1])
+    assert "get_order_status" not in second and "transfer_to_human" in second
+    assert all("secret-key-1" not in p and "api_key" not in p for p in llm.prompts)
+    assert isinstance(events[-1], TurnDone) and "arriving Friday" in events[-1].text
+
+
+@pytest.mark.parametrize("path", ["/slow", "/fail", "/badjson", None])
+async def test_handler_failure_is_spoken_and_recorded(
+    dispatcher: HttpDispatcher, handler: HandlerServer, path: str | None
+) -> None:
+    url = handler.url(path) if path else closed_port_url()
+    llm = ScriptedLlm([_call("get_order_status", order_id="12345")])
+    conversation = _conversation(llm, dispatcher, url)
+    events = await _run(conversation, "status of order 12345 please")
+    finished = [e for e in events if isinstance(e, FunctionCallFinished)]
+    assert len(finished) == 1 and not finished[0].ok and finished[0].error
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == APOLOGY
+    assert events[-1] == TurnDone(APOLOGY)
+    # The failure is in the history, so the next turn's prompt tells the model about it.
+    assert any(item.kind == "result" and not item.ok for item in conversation.history)
+
+
+async def test_ungrounded_identifier_is_not_dispatched_and_the_agent_asks(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm([_call("get_order_status", order_id="123456")])
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    events = await _run(conversation, "I want to know where my order is")
+    assert not any(isinstance(e, FunctionCallStarted) for e in events)
+    assert handler.requests == []
+    assert isinstance(events[-1], TurnDone) and "order id" in events[-1].text
+    assert conversation.last_trace.ungrounded == ["order_id"]
+
+
+async def test_invalid_model_output_becomes_a_spoken_retry(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm(['{"name": "delete_everything", "arguments": {}}'])
+    events = await _run(_conversation(llm, dispatcher, handler.url("/order")), "hi")
+    assert events[-1] == TurnDone(NOT_UNDERSTOOD) and handler.requests == []
+
+
+async def test_calls_per_turn_are_bounded(dispatcher: HttpDispatcher, handler: HandlerServer) -> None:
+    llm = ScriptedLlm(
+        [
+            _call("get_order_status", order_id="12345"),
+            _call("transfer_to_human", department="support"),
+            _say("Done."),
+        ]
+    )
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    conversation.max_calls_per_turn = 2
+    events = await _run(conversation, "order 12345, then a human please")
+    assert [e.name for e in events if isinstance(e, FunctionCallStarted)] == [
+        "get_order_status", "transfer_to_human",
+    ]  # fmt: skip
+    assert llm.schemas[2] is not None and "oneOf" not in llm.schemas[2]  # speech only at the bound
+    assert events[-1] == TurnDone("Done.")
+
+
+async def test_phone_builtins_are_events_not_http(dispatcher: HttpDispatcher, handler: HandlerServer) -> None:
+    llm = ScriptedLlm([_call("transfer_call", number="+14155550123"), _call("end_call")])
+    conversation = _conversation(
+        llm, dispatcher, handler.url("/order"), channel="phone",
+        prompt="Transfer billing questions to +14155550123.",
+    )  # fmt: skip
+    events = await _run(conversation, "billing question please")
+    assert Transfer("+14155550123") in events
+    events = await _run(conversation, "bye")
+    assert any(isinstance(e, EndCall) for e in events)
+    assert handler.requests == []
+    assert "end_call" in json.dumps(llm.schemas[0])
+
+
+async def test_chat_has_no_phone_builtins(dispatcher: HttpDispatcher, handler: HandlerServer) -> None:
+    llm = ScriptedLlm([_say("ok")])
+    await _run(_conversation(llm, dispatcher, handler.url("/order")), "hi")
+    assert "end_call" not in json.dumps(llm.schemas[0])
+
+
+async def _consume_until(gen: AsyncIterator[TurnEvent], predicate: Any, sink: list[TurnEvent]) -> None:
+    async for event in gen:
+        sink.append(event)
+        if predicate(event):
+            return
+
+
+async def test_cancel_during_generation_stops_it_and_sends_nothing(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm([_call("get_order_status", order_id="12345")], piece_size=2)
+    llm.hold_after = 5
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    events: list[TurnEvent] = []
+    task = asyncio.create_task(_consume_until(conversation.turn("order 12345"), lambda e: False, events))
+    await llm.holding.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert llm.closed == 1  # the LLM stream was closed, not left running
+    assert events == [] and handler.requests == []
+
+
+async def test_closing_the_turn_before_dispatch_sends_nothing(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm([_call("get_order_status", order_id="12345")])
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    turn = conversation.turn("order 12345")
+    events: list[TurnEvent] = []
+    await _consume_until(turn, lambda e: isinstance(e, FunctionCallStarted), events)
+    await turn.aclose()  # e.g. the caller barged in right as the call was decided
+    await asyncio.sleep(0.05)
+    assert isinstance(events[-1], FunctionCallStarted)
+    assert handler.requests == []
+
+
+async def test_cancel_mid_speech_keeps_partial_and_record_heard_replaces_it(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm([_say("Your order has shipped and will arrive on Friday morning.")], piece_size=4)
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    turn = conversation.turn("where is my order")
+    events: list[TurnEvent] = []
+    await _consume_until(
+        turn, lambda e: sum(len(x.text) for x in events if isinstance(x, TextDelta)) > 12, events
+    )
+    await turn.aclose()
+    assert llm.closed == 1
+    last = conversation.history[-1]
+    assert last.kind == "say" and last.interrupted and "Friday" not in last.text
+    conversation.record_heard("Your order")
+    assert conversation.history[-1].text == "Your order" and conversation.history[-1].interrupted
+
+
+async def test_history_carries_over_turns(dispatcher: HttpDispatcher, handler: HandlerServer) -> None:
+    llm = ScriptedLlm([_say("What is the order number?"), _call("get_order_status", order_id="777"),
+                       _say("It is being packed.")])  # fmt: skip
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    await _run(conversation, "where's my order?")
+    events = await _run(conversation, "it's 777")
+    assert handler.bodies("/order")[0]["arguments"]["order_id"] == "777"
+    assert "What is the order number?" in llm.prompts[1] and "where's my order?" in llm.prompts[1]
+    assert events[-1] == TurnDone("It is being packed.")
+
+
+class _Retriever:
+    def __init__(self) -> None:
+        self.queries: list[tuple[str, Sequence[str], str, int]] = []
+
+    async def search(self, account_id: str, document_ids: Sequence[str], query: str, k: int) -> list[Any]:
+        self.queries.append((account_id, document_ids, query, k))
+        return ["Acme Shop is open from 9 am to 6 pm, Monday to Saturday."]
+
+
+async def test_retrieved_knowledge_reaches_the_prompt(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm([_say("We open at 9 am.")])
+    retriever = _Retriever()
+    ctx = ConversationContext(session_id="s")
+    agent = seed_agent(handler.url("/order"), document_ids=("doc-1",))
+    conversation = Conversation(agent, llm, ctx, dispatcher=dispatcher, retriever=retriever)
+    await _run(conversation, "When do you open?")
+    assert retriever.queries == [("acct-1", ["doc-1"], "When do you open?", 3)]
+    assert "9 am to 6 pm" in llm.prompts[0]
+
+
+async def test_detail_given_after_an_ask_completes_the_pending_call(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm(
+        [
+            _call("get_order_status", order_id="99999"),  # invented: the agent asks instead
+            _call("get_order_status", order_id="55123"),  # forced call on the follow-up
+            _say("Order 55123 has shipped."),
+        ]
+    )
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    await _run(conversation, "I want to check my order")
+    events = await _run(conversation, "It's 5 5 1 2 3")
+    assert FunctionCallStarted("get_order_status", {"order_id": "55123"}) in events
+    assert llm.schemas[1] is not None and "say" not in json.dumps(llm.schemas[1])
+    assert handler.bodies("/order")[0]["arguments"]["order_id"] == "55123"
+    assert events[-1] == TurnDone("Order 55123 has shipped.")
+
+
+async def test_pending_call_is_dropped_when_the_follow_up_lacks_the_detail(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm(
+        [
+            _call("get_order_status", order_id="99999"),
+            _call("get_order_status", order_id="99999"),  # still not in the caller's words
+            _say("No problem, anything else?"),
+        ]
+    )
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    await _run(conversation, "I want to check my order")
+    events = await _run(conversation, "never mind")
+    assert handler.requests == []
+    assert events[-1] == TurnDone("No problem, anything else?")
+
+
+async def test_a_question_naming_a_detail_makes_the_next_message_a_candidate_call(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm(
+        [
+            _say("Of course. What is your order id?"),
+            _call("get_order_status", order_id="24680"),  # forced: speech not allowed
+            _say("It has shipped."),
+        ]
+    )
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    await _run(conversation, "Where is my order?")
+    events = await _run(conversation, "It's 24680.")
+    assert FunctionCallStarted("get_order_status", {"order_id": "24680"}) in events
+    assert "say" not in json.dumps(llm.schemas[1])
+
+
+async def test_ungrounded_call_with_retrieved_facts_lets_the_model_speak(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm([_call("get_order_status", order_id="12345"), _say("Shipping costs 4 dollars 90.")])
+    agent = seed_agent(handler.url("/order"), document_ids=("doc-1",))
+    conversation = Conversation(
+        agent, llm, ConversationContext(session_id="s"), dispatcher=dispatcher, retriever=_Retriever()
+    )
+    events = await _run(conversation, "How much is shipping?")
+    assert handler.requests == []
+    assert llm.schemas[1] is not None and "oneOf" not in llm.schemas[1]  # speech only
+    assert events[-1] == TurnDone("Shipping costs 4 dollars 90.")

@@ -1,0 +1,41 @@
+"""A real call through uvicorn with every real engine: welcome, a spoken question, an answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from appliance.simulator.caller import Say
+
+from .conftest import CallRig
+
+CARD_PROMPT = (
+    "You are the dealer at a card table, on the phone. The caller names playing cards. Reply with one "
+    "short sentence that names the same cards, for example: 'You have the ten of clubs.'"
+)
+
+
+async def test_welcome_then_a_spoken_question_gets_a_spoken_answer(rig: CallRig, speech_dir: Path) -> None:
+    agent = await rig.agent(welcome_message="Welcome to the card table.", prompt=CARD_PROMPT)
+    result = await rig.call(agent, [Say(speech_dir / "cards/001.wav", pause_ms=300, max_wait_ms=120_000)])
+    assert not result.violations, result.violations
+    record = await rig.record(result.call_uuid)
+    assert len(result.segments) >= 2, (result.to_json(), record)  # welcome, then the answer
+    welcome = await rig.transcribe(result.segment_audio(result.segments[0]))
+    assert "welcome" in welcome and "card" in welcome
+    turn = result.turns[0]
+    assert turn.voice_to_voice_ms is not None, result.to_json()
+    answer_audio = np.concatenate([result.segment_audio(s) for s in result.segments[1:]])
+    answer = await rig.transcribe(answer_audio)
+    assert "club" in answer, answer
+    record = await rig.record(result.call_uuid)
+    who = [t["who"] for t in record["transcript"]]
+    assert who[:3] == ["agent", "caller", "agent"], record["transcript"]
+    caller = record["transcript"][1]
+    assert "club" in caller["text"].lower()
+    timings = record["transcript"][2]["timings"]
+    for key in ("end_of_turn_ms", "transcript_ms", "first_token_ms", "first_clause_ms", "first_audio_ms"):
+        assert timings[key] is not None and timings[key] > 0, timings
+    assert record["status"] == "completed"
+    print("voice-to-voice (caller side) ms:", turn.voice_to_voice_ms, "server timings:", timings)

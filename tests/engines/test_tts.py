@@ -1,0 +1,156 @@
+"""Piper TTS: audible speech of plausible length, streamed per sentence, understood by our own ASR
+after the telephone path (22,050 Hz -> 8 kHz µ-law -> 16 kHz)."""
+
+import asyncio
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.audio.resample import StreamResampler
+from appliance.engines.asr import WhisperAsr
+from appliance.engines.tts import QUEUE_CHUNKS, PiperTts, TtsLoadError
+from tests.speech import dbfs, normalize_text, telephone_16k, wer
+
+TEXT = "Thank you for calling the dental office. Your appointment is confirmed for Tuesday morning."
+
+
+async def _collect(tts: PiperTts, text: str, **kw: float) -> list[np.ndarray]:
+    return [chunk async for chunk in tts.synthesize(text, **kw)]
+
+
+async def test_output_is_audible_speech_of_plausible_length(tts_engine: PiperTts) -> None:
+    chunks = await _collect(tts_engine, TEXT)
+    assert tts_engine.sample_rate == 22050
+    assert all(c.dtype == np.int16 and c.ndim == 1 for c in chunks)
+    audio = np.concatenate(chunks)
+    seconds = len(audio) / tts_engine.sample_rate
+    words = len(normalize_text(TEXT))
+    # Conversational speech runs ~2-4 words per second, plus short pauses at the sentence ends.
+    assert words / 4.5 < seconds < words / 1.5
+    assert dbfs(audio) > -30.0  # clearly audible, not a whisper or silence
+    assert np.abs(audio).max() > 8000
+
+
+async def test_one_chunk_per_sentence(tts_engine: PiperTts) -> None:
+    chunks = await _collect(tts_engine, "Hello. How are you today? I can help with that.")
+    assert len(chunks) == 3
+
+
+async def test_speed_changes_duration(tts_engine: PiperTts) -> None:
+    normal = np.concatenate(await _collect(tts_engine, TEXT))
+    fast = np.concatenate(await _collect(tts_engine, TEXT, speed=1.5))
+    assert len(fast) < 0.8 * len(normal)
+    with pytest.raises(ValueError):
+        await _collect(tts_engine, TEXT, speed=0.0)
+
+
+async def test_empty_text_yields_nothing(tts_engine: PiperTts) -> None:
+    assert await _collect(tts_engine, "   ") == []
+
+
+async def test_speech_survives_the_phone_line_and_asr_understands_it(
+    tts_engine: PiperTts, asr_engine: WhisperAsr
+) -> None:
+    # Resample chunk by chunk, as the call path does on the way to Plivo.
+    to_phone = StreamResampler(tts_engine.sample_rate, 8000, dtype=np.int16)
+    parts = [to_phone.process(chunk) async for chunk in tts_engine.synthesize(TEXT)]
+    pcm8k = np.concatenate([*parts, to_phone.flush()])
+    transcript = await asr_engine.transcribe(telephone_16k(pcm8k, rate=8000))
+    words = set(normalize_text(transcript.text))
+    assert {"dental", "appointment", "confirmed", "tuesday"} <= words, transcript.text
+    assert wer(TEXT, transcript.text) <= 0.2, transcript.text
+
+
+def _instrument(tts: PiperTts, monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], threading.Event]:
+    """Count the sentences the worker synthesizes and signal when its generator is closed."""
+    produced: list[int] = []
+    finished = threading.Event()
+    original = tts._chunks
+
+    def counting(text: str, speed: float) -> Iterator[np.ndarray]:
+        try:
+            for chunk in original(text, speed):
+                produced.append(len(chunk))
+                yield chunk
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(tts, "_chunks", counting)
+    return produced, finished
+
+
+LONG_TEXT = " ".join(f"This is sentence number {i} of a long answer." for i in range(20))
+
+
+async def test_closing_the_iterator_stops_synthesis(
+    tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    produced, finished = _instrument(tts_engine, monkeypatch)
+    stream = tts_engine.synthesize(LONG_TEXT)
+    first = await anext(stream)
+    assert len(first) > 0
+    await stream.aclose()
+    assert await asyncio.to_thread(finished.wait, 30.0)
+    # At most: the one taken, the queue's worth, one being put and one being synthesized.
+    assert len(produced) <= 1 + QUEUE_CHUNKS + 2 < 20
+
+
+async def test_cancelling_the_consumer_stops_synthesis(
+    tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    produced, finished = _instrument(tts_engine, monkeypatch)
+    got_one = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in tts_engine.synthesize(LONG_TEXT):
+            got_one.set()
+            await asyncio.sleep(3600)  # a consumer stuck on playout, then interrupted
+
+    task = asyncio.create_task(consume())
+    await got_one.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(finished.wait, 30.0)
+    assert len(produced) < 20
+
+
+async def test_slow_consumer_bounds_the_backlog(
+    tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    produced, finished = _instrument(tts_engine, monkeypatch)
+    stream = tts_engine.synthesize(LONG_TEXT)
+    await anext(stream)
+    # Give the worker ample time to run ahead; the bounded queue must hold it back.
+    for _ in range(40):
+        await asyncio.sleep(0.05)
+    assert len(produced) <= 1 + QUEUE_CHUNKS + 1
+    await stream.aclose()
+    assert await asyncio.to_thread(finished.wait, 30.0)
+
+
+def test_corrupt_voice_file_names_the_file(tmp_path: Path, tts_engine: PiperTts) -> None:
+    shutil.copy(tts_engine.model_dir / "voice.onnx.json", tmp_path / "voice.onnx.json")
+    (tmp_path / "voice.onnx").write_bytes(b"\x08\x01garbage" * 500)
+    with pytest.raises(TtsLoadError, match=str(tmp_path / "voice.onnx")):
+        PiperTts("broken", tmp_path, threads=1)
+    with pytest.raises(TtsLoadError, match="missing file"):
+        PiperTts("absent", tmp_path / "none", threads=1)
+
+
+async def test_paused_consumers_do_not_starve_other_calls(tts_engine: PiperTts) -> None:
+    # Calls whose playout is behind keep their streams open; that must not hold the worker pool.
+    paused = [tts_engine.synthesize(LONG_TEXT) for _ in range(4)]
+    try:
+        for stream in paused:
+            await anext(stream)
+        async with asyncio.timeout(120):  # a guard against a hang, not a latency assertion
+            chunks = await _collect(tts_engine, "Still here.")
+        assert len(chunks) == 1
+    finally:
+        for stream in paused:
+            await stream.aclose()

@@ -1,0 +1,1 @@
+from tests.fakes.plivo_rest import fake_plivo  # noqa: F401  (fixture)
