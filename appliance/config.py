@@ -33,7 +33,9 @@ class ModelsSettings(_Section):
     llm: str = "qwen2.5-coder-0.5b"
     tts: str = "piper-joe-medium"
     embed: str = "all-minilm-l6-v2"
-    install: str = "silero-vad,whisper-tiny.en,qwen2.5-coder-0.5b,smollm2-135m,piper-joe-medium,all-minilm-l6-v2"
+    install: str = (
+        "silero-vad,whisper-tiny.en,qwen2.5-coder-0.5b,smollm2-135m,piper-joe-medium,all-minilm-l6-v2"
+    )
 
     @property
     def install_ids(self) -> list[str]:
@@ -147,9 +149,7 @@ def load_settings(
     try:
         settings = Settings.model_validate(merged)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"{config_path}: {problems}") from exc
     base = config_path.resolve().parent
     updates: dict[str, Any] = {}

@@ -15,7 +15,15 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .model_manifest import Manifest, ModelCorrupt, ModelError, ModelSpec, sha256_file, verify_files, write_stamp
+from .model_manifest import (
+    Manifest,
+    ModelCorrupt,
+    ModelError,
+    ModelSpec,
+    sha256_file,
+    verify_files,
+    write_stamp,
+)
 
 Progress = Callable[[str], None]
 

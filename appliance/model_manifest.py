@@ -182,8 +182,10 @@ def verify_files(spec: ModelSpec, directory: Path) -> None:
                 f"reinstall with: python -m appliance models install --force {spec.id}"
             )
         seen = stamp.get(f.name, {})
-        if seen.get("size") == st.st_size and seen.get("mtime_ns") == st.st_mtime_ns and (
-            seen.get("sha256") == f.sha256
+        if (
+            seen.get("size") == st.st_size
+            and seen.get("mtime_ns") == st.st_mtime_ns
+            and (seen.get("sha256") == f.sha256)
         ):
             continue
         actual = sha256_file(path)

@@ -57,7 +57,9 @@ def create_app(settings: Settings, *, load_engines: bool = True) -> FastAPI:
     app = FastAPI(
         title="Voice-agent appliance",
         version="0.1.0",
-        description="On-prem voice agents on Plivo audio streams. Management API under /v1/Account/{auth_id}/.",
+        description=(
+            "On-prem voice agents on Plivo audio streams. Management API under /v1/Account/{auth_id}/."
+        ),
         lifespan=lifespan,
     )
     app.state.appliance = state

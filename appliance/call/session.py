@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -545,8 +545,10 @@ class CallSession:
                             )  # fmt: skip
                         elif isinstance(event, EndCall):
                             reply.end_call = True
+                            self._record_builtin("end_call", {})
                         elif isinstance(event, Transfer):
                             reply.transfer_to = event.number
+                            self._record_builtin("transfer_call", {"number": event.number})
                         elif isinstance(event, TurnDone):
                             break
                 rest = chunker.flush()
@@ -622,6 +624,12 @@ class CallSession:
                 heard_text=heard, interrupted=interrupted, timings=dict(timings or {}),
             )
         )  # fmt: skip
+
+    def _record_builtin(self, name: str, arguments: dict[str, Any]) -> None:
+        """Built-ins run here, not at a handler URL; the record still shows the model chose them."""
+        self.recorder.submit(
+            FunctionCallRecord(self._turn_seq + 1, name, arguments, None, True, None, utcnow())
+        )
 
     def _finalize_reply(self, reply: Reply, *, interrupted: bool) -> None:
         if reply.finalized:

@@ -22,11 +22,13 @@ from .dispatch import Dispatcher
 from .prompt import HistoryItem, build_prompt, clock, few_shot, system_message, turn_groups
 from .tools import (
     BUILTINS,
+    REFUSAL_PREFIX_CHARS,
     Answer,
     StreamingAnswer,
     function_schema,
     given_in,
     humanize,
+    looks_like_refusal,
     max_output_chars,
     normalize_arguments,
     output_schema,
@@ -81,6 +83,7 @@ class TurnTrace:
     generations: list[Generation] = field(default_factory=list)
     retrieved: list[str] = field(default_factory=list)
     ungrounded: list[str] = field(default_factory=list)
+    recovered_refusal: bool = False
 
 
 class Conversation:
@@ -162,12 +165,29 @@ class Conversation:
             else:
                 generation = Generation()
                 trace.generations.append(generation)
+                # Small models refuse requests a function handles ("I'm sorry, I can't cancel
+                # orders"). The first words of the first reply are held back until they are
+                # clearly not such a refusal; a refusal gets one chance to become a grounded call.
+                holding = step == 0 and bool(_evidenced(allowed))
+                held = ""
                 # aclosing: when our consumer stops, the generation below must stop with it at once.
                 async with contextlib.aclosing(self._generate(allowed, knowledge, generation)) as deltas:
                     async for delta in deltas:
+                        if holding:
+                            held += delta
+                            if len(held.lstrip()) < REFUSAL_PREFIX_CHARS or looks_like_refusal(held):
+                                continue
+                            holding, delta, held = False, held, ""
                         yield TextDelta(delta)
                 assert generation.answer is not None
                 answer = generation.answer
+                if held and looks_like_refusal(held):
+                    recovered = await self._complete_pending(_evidenced(allowed), user_text, knowledge)
+                    if recovered is not None:
+                        trace.recovered_refusal = True
+                        answer, held = recovered, ""
+                if held:
+                    yield TextDelta(held)
             if answer.say is not None:
                 text = answer.say.strip()
                 if not text:
@@ -388,3 +408,8 @@ class Conversation:
         while len(groups) > 1 and sum(len(g) for g in groups) > self.history_max_items:
             groups.pop(0)
         self.history = [item for group in groups for item in group]
+
+
+def _evidenced(functions: Sequence[FunctionSpec]) -> list[FunctionSpec]:
+    """Functions whose call can be evidenced by the caller's words: ones with a non-enum detail."""
+    return [f for f in functions if not f.builtin and any(not p.enum for p in f.user_parameters)]

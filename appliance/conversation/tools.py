@@ -325,19 +325,22 @@ def humanize(name: str) -> str:
 
 
 def given_in(spec: FunctionSpec, arguments: dict[str, Any], text: str) -> bool:
-    """True when every non-enum argument value occurs in ``text`` (identifier-like values by their
-    digits or spoken email form, others word for word)."""
+    """True when there is a non-enum argument and every such value occurs in ``text`` (identifiers
+    by their digits or spoken email form, others word for word)."""
     lowered = text.lower()
+    checked = False
     for param in spec.user_parameters:
         if param.enum or param.name not in arguments:
             continue
+        checked = True
         value = str(arguments[param.name])
         if _needs_grounding(value) or param.type in ("integer", "number"):
             if ungrounded_arguments(spec, {param.name: arguments[param.name]}, [text]):
                 return False
         elif not value.strip() or value.lower() not in lowered:
             return False
-    return True
+    # Enum values alone are no evidence that the caller gave a detail.
+    return checked
 
 
 _SPACED_DIGITS = re.compile(r"^\d+(?: \d+)+$")
@@ -354,3 +357,15 @@ def normalize_arguments(spec: FunctionSpec, arguments: dict[str, Any]) -> dict[s
             if _SPACED_DIGITS.match(stripped):
                 out[param.name] = stripped.replace(" ", "")
     return out
+
+
+_REFUSAL = re.compile(
+    r"^(i'?m sorry|i am sorry|sorry|i can'?t|i cannot|i'?m unable|i am unable|unfortunately|"
+    r"i don'?t have)",
+    re.IGNORECASE,
+)
+REFUSAL_PREFIX_CHARS = 16
+
+
+def looks_like_refusal(text: str) -> bool:
+    return bool(_REFUSAL.match(text.lstrip().replace("\u2019", "'")))

@@ -4,7 +4,18 @@ One ``Llama`` context is not thread-safe and holds the KV cache of its last eval
 generation therefore runs on the engine's single worker thread: requests queue there, and each call
 reuses the longest common token prefix of the previous one (llama-cpp-python does this by itself as
 long as the same ``Llama`` object is called with a token list that starts the same way), so a
-conversation's system prompt and history are not re-evaluated every turn.
+conversation's system prompt and history are not re-evaluated every turn. When several
+conversations take turns, snapshots of their KV cells (``_PrefixStates``) bring each one's prefix
+back instead of re-evaluating it.
+
+Pieces reach the consumer through a bounded queue; closing the iterator (``aclose``, or
+cancellation while it waits for the next piece) stops generation at the next token. A consumer that
+can be cancelled while busy with a piece should hold the iterator in ``contextlib.aclosing``.
+
+With ``json_schema`` the output is constrained by a GBNF grammar generated from the schema, with
+string characters tightened to exclude control characters; greedy constrained decoding checks the
+grammar on the argmax token first (``_GrammarFirstGreedy``), which is exact and much cheaper than
+masking the whole vocabulary at every step.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import struct
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +38,7 @@ from typing import Any, cast
 
 import llama_cpp
 import numpy as np
+import numpy.typing as npt
 
 from ..model_manifest import ModelCorrupt, ModelNotInstalled
 
@@ -57,7 +70,8 @@ class GenerationStats:
     """Timings and counts of one generation, for benchmarks and logs."""
 
     prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens reused from the previous evaluation's KV cache
+    cached_tokens: int = 0  # prompt tokens not re-evaluated (KV cache in place or restored)
+    restored_tokens: int = 0  # prompt prefix brought back from a saved conversation state
     completion_tokens: int = 0
     queued_s: float = 0.0  # waiting behind other generations on this engine
     first_token_s: float | None = None  # from the start of this generation (excludes queueing)
@@ -132,7 +146,14 @@ def tighten_string_chars(gbnf: str) -> str:
 
 class LlamaLlm:
     def __init__(
-        self, model_id: str, model_path: Path, *, context_size: int, threads: int, gpu_layers: int = 0
+        self,
+        model_id: str,
+        model_path: Path,
+        *,
+        context_size: int,
+        threads: int,
+        gpu_layers: int = 0,
+        state_cache_bytes: int = 128 << 20,
     ):
         self.model_id = model_id
         self.model_path = Path(model_path)
@@ -150,6 +171,7 @@ class LlamaLlm:
         self._add_bos = bool(self._llama._model.add_bos_token())
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llm-{model_id}")
         self._jobs: set[_Job] = set()
+        self._states = _PrefixStates(state_cache_bytes)
         self._running = threading.Event()
         self._grammars: dict[str, Any] = {}
         self._grammar_lock = threading.Lock()
@@ -239,6 +261,7 @@ class LlamaLlm:
                     f"{self.context_size}"
                 )
             llama = self._llama
+            stats.restored_tokens = self._states.restore(llama, tokens)
             stats.cached_tokens = _common_prefix(llama._input_ids.tolist(), tokens)
             stats.finish = "length"
 
@@ -264,6 +287,7 @@ class LlamaLlm:
                     stats.finish = choice["finish_reason"]
             if job.stop.is_set():
                 stats.finish = "cancelled"
+            self._states.save(llama)
         except Exception:
             stats.finish = "error"
             raise
@@ -316,7 +340,88 @@ class LlamaLlm:
         for job in list(self._jobs):
             job.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._states = _PrefixStates(0)
         self._llama.close()
+
+
+class _PrefixStates:
+    """KV-cache snapshots of recent conversations, so interleaved conversations keep their prefixes.
+
+    llama.cpp keeps one evaluated sequence; with several calls taking turns on one engine, each turn
+    would otherwise re-evaluate its whole system prompt and history (seconds on 2 cores). After each
+    generation the sequence's KV cells are copied out (~12 KB per token for Qwen2.5-0.5B); before
+    the next, the snapshot sharing the longest prefix with the new prompt is copied back in when it
+    beats what is already loaded. (llama-cpp-python's own LlamaRAMCache also copies a
+    (n_batch x vocabulary) logits array per save, hundreds of MB here, so it is not used.)
+    """
+
+    MIN_TOKENS = 64  # shorter prefixes are cheaper to re-evaluate than to keep
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = capacity_bytes
+        self._states: OrderedDict[bytes, tuple[npt.NDArray[np.intc], bytes]] = OrderedDict()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def save(self, llama: llama_cpp.Llama) -> None:
+        n = llama.n_tokens
+        if n < self.MIN_TOKENS or self.capacity_bytes <= 0:
+            return
+        tokens = np.array(llama.input_ids[:n], dtype=np.intc)
+        key = tokens.tobytes()
+        if key in self._states:
+            self._states.move_to_end(key)
+            return
+        ctx = llama._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        if not 0 < written <= size:
+            return
+        # An earlier state of the same conversation is a prefix of this one: superseded.
+        for old in [k for k, (t, _) in self._states.items() if _common_prefix_np(t, tokens) == len(t)]:
+            self._drop(old)
+        self._states[key] = (tokens, ctypes.string_at(buf, written))
+        self._size += written
+        while self._size > self.capacity_bytes and self._states:
+            self._drop(next(iter(self._states)))
+
+    def restore(self, llama: llama_cpp.Llama, prompt: list[int]) -> int:
+        """Load the snapshot sharing the longest prefix with ``prompt`` if it beats the KV cache
+        already in place; returns the length of that shared prefix (0 if nothing was loaded)."""
+        target = np.array(prompt, dtype=np.intc)
+        current = _common_prefix_np(np.asarray(llama.input_ids[: llama.n_tokens]), target)
+        best_key, best = None, current
+        for key, (tokens, _) in self._states.items():
+            shared = _common_prefix_np(tokens, target)
+            if shared > best:
+                best_key, best = key, shared
+        if best_key is None or best - current < self.MIN_TOKENS:
+            return 0
+        tokens, data = self._states[best_key]
+        self._states.move_to_end(best_key)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data(llama._ctx.ctx, buf, len(data), 0) != len(data):
+            # The sequence may be half-written: make llama-cpp-python evaluate from scratch.
+            llama.reset()
+            llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+            return 0
+        llama.input_ids[: len(tokens)] = tokens
+        llama.n_tokens = len(tokens)
+        llama._requires_eval = True  # no logits for the restored state: the last token is replayed
+        return best
+
+    def _drop(self, key: bytes) -> None:
+        _, data = self._states.pop(key)
+        self._size -= len(data)
+
+
+def _common_prefix_np(a: npt.NDArray[np.intc], b: npt.NDArray[np.intc]) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
 
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+import pytest_asyncio
 from fastapi import FastAPI
 
 from appliance.call.records import CallFinished, CallInfo, CallStarted, FunctionCallRecord, TurnRecord
@@ -18,13 +20,19 @@ from appliance.store.db import utcnow
 from appliance.telephony.signature import signature_headers
 from appliance.telephony.xml import parse_stream_xml
 from tests.conftest import Credentials, make_settings
-from tests.fakes.plivo_rest import FakePlivo, fake_plivo  # noqa: F401  (fixture)
+from tests.fakes.plivo_rest import FakePlivo, running_fake_plivo
+
+
+@pytest_asyncio.fixture
+async def plivo() -> AsyncIterator[FakePlivo]:
+    async with running_fake_plivo() as fake:
+        yield fake
 
 
 @pytest.fixture
-def settings(tmp_path: Path, fake_plivo: FakePlivo) -> Settings:  # noqa: F811
+def settings(tmp_path: Path, plivo: FakePlivo) -> Settings:
     return make_settings(
-        tmp_path / "data", plivo_api_base_url=fake_plivo.base_url, limits={"max_concurrent_calls": 2}
+        tmp_path / "data", plivo_api_base_url=plivo.base_url, limits={"max_concurrent_calls": 2}
     )
 
 
@@ -84,18 +92,18 @@ async def test_signature_is_checked_when_the_account_has_plivo_credentials(
     app,
     client,
     account,
-    fake_plivo: FakePlivo,
-    settings: Settings,  # noqa: F811
+    plivo: FakePlivo,
+    settings: Settings,
 ) -> None:
     agent_id = await make_agent(client, account)
-    await give_plivo_creds(app, account, fake_plivo)
+    await give_plivo_creds(app, account, plivo)
     path = f"{account.base}/Voiceagent/{agent_id}/talk/"
     fields = form("call-signed")
     r = await client.post(path, data=fields)
     assert r.status_code == 403
     bad = signature_headers("POST", settings.base_url + path, "not-the-token", fields)
     assert (await client.post(path, data=fields, headers=bad)).status_code == 403
-    good = signature_headers("POST", settings.base_url + path, fake_plivo.auth_token, fields)
+    good = signature_headers("POST", settings.base_url + path, plivo.auth_token, fields)
     r = await client.post(path, data=fields, headers=good)
     assert r.status_code == 200 and parse_stream_xml(r.content).url
     # The same nonce again is a replay.
@@ -117,17 +125,17 @@ async def test_outbound_call_goes_to_plivo_with_the_agents_call_url(
     app,
     client,
     account,
-    fake_plivo: FakePlivo,  # noqa: F811
+    plivo: FakePlivo,
 ) -> None:
     agent_id = await make_agent(client, account)
     body = {"from": "+14155550100", "to": "+14155550123", "context": {"name": "Ada"}}
     r = await client.post(f"{account.base}/Voiceagent/{agent_id}/Call/", json=body, auth=account.auth)
     assert r.status_code == 409  # no Plivo credentials yet
-    await give_plivo_creds(app, account, fake_plivo)
+    await give_plivo_creds(app, account, plivo)
     r = await client.post(f"{account.base}/Voiceagent/{agent_id}/Call/", json=body, auth=account.auth)
     assert r.status_code == 201, r.text
     assert r.json()["message"] == "call fired"
-    placed = fake_plivo.placed[-1]
+    placed = plivo.placed[-1]
     agent = (await client.get(f"{account.base}/Voiceagent/{agent_id}/", auth=account.auth)).json()
     assert placed.params["answer_url"] == agent["call_url"]
     assert placed.params["from"] == "+14155550100" and placed.params["to"] == "+14155550123"
@@ -135,7 +143,7 @@ async def test_outbound_call_goes_to_plivo_with_the_agents_call_url(
     # When Plivo fetches the answer URL for that call, the context is attached to the call.
     manager = app.state.appliance.services["calls"]
     fields = form(placed.call_uuid, Direction="outbound", ALegRequestUUID=placed.request_uuid)
-    headers = signature_headers("POST", agent["call_url"], fake_plivo.auth_token, fields)
+    headers = signature_headers("POST", agent["call_url"], plivo.auth_token, fields)
     r = await client.post(f"{account.base}/Voiceagent/{agent_id}/talk/", data=fields, headers=headers)
     assert "<Stream" in r.text
     assert manager._contexts[placed.call_uuid] == {"name": "Ada"}
@@ -200,3 +208,28 @@ async def test_calls_left_live_by_a_dead_process_are_closed_as_failed(app, clien
         assert await close_stale_calls(session) == 1
     rec = (await client.get(f"{account.base}/Call/rec-live/", auth=account.auth)).json()
     assert rec["status"] == "failed" and rec["hangup_cause"] == "appliance_restart" and rec["end_time"]
+
+
+async def test_transfer_sends_plivo_to_signed_dial_xml(app, client, account, plivo: FakePlivo) -> None:
+    from appliance.call.manager import PlivoCallControl
+    from appliance.telephony.rest import PlivoRest
+    from appliance.telephony.stream_token import StreamClaims
+
+    agent_id = await make_agent(client, account)
+    manager = app.state.appliance.services["calls"]
+    token = manager.tokens.issue(StreamClaims("call-t", agent_id, "acct", direction="transfer"))
+    transfer_url = f"http://testserver{account.base}/Voiceagent/{agent_id}/transfer/?token={token}"
+    plivo.add_live_call("call-t")
+    rest = PlivoRest(plivo.auth_id, plivo.auth_token, api_base_url=plivo.base_url)
+    await PlivoCallControl(rest, "call-t", transfer_url).transfer("+14155550142")
+    (request,) = plivo.transfers
+    aleg_url = request.body["aleg_url"]
+    assert request.call_uuid == "call-t" and aleg_url.startswith(transfer_url)
+    # What Plivo then fetches: a Dial to the number, only with a valid transfer token.
+    r = await client.post(aleg_url.removeprefix("http://testserver"))
+    assert r.status_code == 200 and "<Dial" in r.text and "+14155550142</Number>" in r.text
+    forged = f"{account.base}/Voiceagent/{agent_id}/transfer/?token=AAAA&to=%2B19005550000"
+    assert (await client.post(forged)).status_code == 403
+    stream_token = manager.tokens.issue(StreamClaims("call-t", agent_id, "acct", direction="inbound"))
+    wrong_kind = f"{account.base}/Voiceagent/{agent_id}/transfer/?token={stream_token}&to=%2B19005550000"
+    assert (await client.post(wrong_kind)).status_code == 403

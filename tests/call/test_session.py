@@ -219,6 +219,7 @@ async def test_end_call_says_goodbye_waits_for_playout_then_hangs_up() -> None:
     assert len(plays) >= 20  # 4 words of goodbye were played before hanging up
     finished = h.recorder.finished
     assert finished is not None and finished.hangup_cause == "agent_hangup"
+    assert [f.name for f in h.recorder.function_calls] == ["end_call"]
 
 
 async def test_end_call_without_text_still_says_goodbye() -> None:
@@ -306,3 +307,19 @@ async def test_hangup_mid_answer_records_heard_part() -> None:
 def test_backchannel_words() -> None:
     assert is_backchannel("Mm-hmm.") and is_backchannel("okay, yeah") and is_backchannel("")
     assert not is_backchannel("wait") and not is_backchannel("okay but what about Monday")
+
+
+async def test_a_failing_transcription_loses_the_turn_not_the_call() -> None:
+    def broken(seconds: float) -> str:
+        raise RuntimeError("decoder crashed")
+
+    h = make_harness(asr_script=broken)
+    await h.start()
+    await h.feed(tone(600))
+    await h.silence(1000)
+    assert h.task is not None and not h.task.done()
+    assert h.brain.turns == []
+    h.session.feed_dtmf("1")
+    await h.clock.advance(0.5)
+    assert h.brain.turns == ["The caller pressed 1."]
+    await h.stop()

@@ -324,3 +324,32 @@ async def test_ungrounded_call_with_retrieved_facts_lets_the_model_speak(
     assert handler.requests == []
     assert llm.schemas[1] is not None and "oneOf" not in llm.schemas[1]  # speech only
     assert events[-1] == TurnDone("Shipping costs 4 dollars 90.")
+
+
+async def test_a_refusal_with_the_detail_in_the_message_becomes_the_call(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm(
+        [
+            _say("I'm sorry, but I can't help with that."),
+            _call("get_order_status", order_id="12345"),  # forced retry, grounded in the message
+            _say("It has shipped."),
+        ]
+    )
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    events = await _run(conversation, "Where is my order 12345?")
+    assert not any(isinstance(e, TextDelta) and "sorry" in e.text for e in events)  # never spoken
+    assert FunctionCallStarted("get_order_status", {"order_id": "12345"}) in events
+    assert events[-1] == TurnDone("It has shipped.") and conversation.last_trace.recovered_refusal
+
+
+async def test_a_refusal_without_evidence_is_spoken(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    refusal = "I'm sorry, but I can't help with the weather."
+    llm = ScriptedLlm([_say(refusal), _call("transfer_to_human", department="sales")])
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    events = await _run(conversation, "What's the weather tomorrow?")
+    assert handler.requests == []
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == refusal
+    assert events[-1] == TurnDone(refusal)

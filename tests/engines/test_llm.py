@@ -405,3 +405,30 @@ async def test_sampled_grammar_output_is_valid_too(smol: LlamaLlm) -> None:
         text = await _collect(smol, prompt, max_tokens=300, json_schema=schema, temperature=0.9)
         assert smol.last_stats.finish == "stop", text
         jsonschema.validate(json.loads(text), schema)
+
+
+async def test_interleaved_conversations_keep_their_prefixes(smol: LlamaLlm) -> None:
+    def conversation(name: str, turns: int) -> list[dict[str, str]]:
+        system = f"You are {name}, the agent of {name} Ltd. " + " ".join(
+            f"Rule {i}: {name} never shouts." for i in range(40)
+        )
+        messages = [{"role": "system", "content": system}]
+        for i in range(turns):
+            messages += [
+                {"role": "user", "content": f"Question {i}?"},
+                {"role": "assistant", "content": "Sure."},
+            ]
+        return [*messages, {"role": "user", "content": "And one more thing?"}]
+
+    a1, a2 = smol.format_chat(conversation("Alice", 1)), smol.format_chat(conversation("Alice", 2))
+    b1 = smol.format_chat(conversation("Bob", 1))
+    # Reference: Alice's second turn right after her first (the KV cache simply still holds it).
+    await _collect(smol, a1, max_tokens=6)
+    expected = await _collect(smol, a2, max_tokens=6)
+    # Interleaved: Bob's turn replaces the KV cache; Alice's prefix comes back from the saved state.
+    await _collect(smol, a1, max_tokens=6)
+    await _collect(smol, b1, max_tokens=6)
+    assert await _collect(smol, a2, max_tokens=6) == expected
+    stats = smol.last_stats
+    assert stats.restored_tokens > 300
+    assert stats.prompt_tokens - stats.cached_tokens < 40  # only the new turn was evaluated
