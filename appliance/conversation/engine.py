@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from ..engines.types import LlmEngine
@@ -55,6 +56,7 @@ APOLOGY = "I'm sorry, I couldn't do that right now. Is there anything else I can
 NOT_UNDERSTOOD = "Sorry, I didn't quite get that. Could you say it again?"
 GOODBYE = "Thank you for calling. Goodbye!"
 TRANSFERRING = "Please hold while I transfer your call."
+PROMPT_CLOCK_HOLD = timedelta(minutes=15)
 
 
 class Retriever(Protocol):
@@ -120,6 +122,28 @@ class Conversation:
         self.last_trace = TurnTrace()
         # The function whose details the agent just asked for (see ``_complete_pending``).
         self._pending: list[FunctionSpec] = []
+        self._prompt_clock: datetime | None = None
+
+    def _now(self) -> datetime:
+        """The time the system prompt states. Held for ``PROMPT_CLOCK_HOLD`` rather than advanced
+        every minute: a changed system prompt invalidates llama.cpp's cached prefix, and re-reading
+        ~600 prompt tokens costs seconds on a CPU, far more than a stale minute is worth."""
+        now = clock(self.context)
+        if self._prompt_clock is None or now - self._prompt_clock > PROMPT_CLOCK_HOLD or (
+            now < self._prompt_clock
+        ):
+            self._prompt_clock = now
+        return self._prompt_clock
+
+    async def prewarm(self) -> None:
+        """Evaluate the prompt prefix (system message and history so far) ahead of the first turn,
+        e.g. while the welcome message plays, so the turn only pays for the caller's new words."""
+        system = system_message(self.agent, self.context, self.functions, self._now())
+        prompt = build_prompt(self.llm, system, self.history, examples=self.examples, reserve_tokens=1)
+        stream = self.llm.stream(prompt.text, max_tokens=1, temperature=0.0)
+        async with contextlib.aclosing(stream) as pieces:  # type: ignore[type-var]
+            async for _ in pieces:
+                break
 
     # -- history edits from the call layer ---------------------------------------------------------
     def add_assistant_message(self, text: str) -> None:
@@ -297,7 +321,7 @@ class Conversation:
     ) -> AsyncGenerator[str, None]:
         """Run one grammar-constrained generation, yielding speech deltas; sets ``generation``.
         ``speech=False`` forces a call of one of ``allowed``."""
-        now = clock(self.context)
+        now = self._now()
         if speech:
             schema = output_schema(allowed, say_max_chars(self.agent.max_tokens))
         elif len(allowed) == 1:

@@ -5,7 +5,10 @@ messages, and retrieval over a real document with the real embedding model."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -201,3 +204,29 @@ async def test_answers_use_the_document(
     assert isinstance(done, TurnDone)
     assert all(fact in done.text for fact in facts), done.text
     assert handler.requests == []
+
+
+async def test_prewarm_leaves_only_the_callers_words_to_evaluate(
+    qwen: Any, dispatcher: HttpDispatcher, handler: HandlerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A prompt no earlier test used: nothing of it can be in a saved state already.
+    conversation = _conversation(
+        qwen, dispatcher, handler.url("/order"), prompt=f"You help customers of shop {uuid.uuid4().hex[:8]}."
+    )
+    await conversation.prewarm()
+    warmed = qwen.last_stats.prompt_tokens
+    assert warmed > 100  # the system message with the function list
+    seen: list[Any] = []
+    real_stream = qwen.stream
+
+    async def recording_stream(*args: Any, **kwargs: Any) -> AsyncIterator[str]:
+        async with contextlib.aclosing(real_stream(*args, **kwargs)) as pieces:
+            async for piece in pieces:
+                yield piece
+        seen.append(dataclasses.replace(qwen.last_stats))
+
+    monkeypatch.setattr(qwen, "stream", recording_stream)
+    await _run(conversation, "Hi, what can you do for me?")
+    first = seen[0]  # the turn's first generation: later ones reuse it anyway
+    assert first.cached_tokens >= warmed - 8  # all but the template's tail is reused
+    assert first.prompt_tokens - first.cached_tokens < 40  # only the caller's words are new
