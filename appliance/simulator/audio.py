@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import soxr
 
 from appliance.audio import mulaw
+from appliance.audio.resample import resample
 
 RATE = 8000
 FRAME_SAMPLES = 160  # 20 ms at 8 kHz
@@ -38,10 +38,7 @@ def load_wav(path: Path) -> tuple[Pcm, int]:
 
 
 def to_rate(pcm: Pcm, rate: int, out_rate: int = RATE) -> Pcm:
-    if rate == out_rate:
-        return pcm.astype(np.int16, copy=False)
-    out = soxr.resample(pcm.astype(np.float32) / 32768.0, rate, out_rate, quality="HQ")
-    return np.clip(np.round(out * 32768.0), -32768, 32767).astype(np.int16)
+    return resample(pcm.astype(np.int16, copy=False), rate, out_rate)
 
 
 def load_wav_8k(path: Path) -> Pcm:
