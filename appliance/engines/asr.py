@@ -7,19 +7,28 @@ decodes can run at once without queueing on one model replica); the lazy segment
 silently run on the event loop.
 
 Cost note: faster-whisper pads every input to 30 s (3000 mel frames) before the encoder, so a decode
-costs about the same for 1 s and 7 s of audio, and the encoder is most of it. Measured here (loaded
-2-core box): encoding 3000 frames ~1.9 s, 1500 ~0.65 s, 1000 ~0.16 s; CTranslate2 accepts the shorter
-input. Feeding a 10-15 s window directly to ``model.generate`` cut a decode 3-4x with equal or better
-WER on clean telephone speech, but at 10 s one noisy utterance fell into a repetition loop ("5 5 5
-..."), so it is not on by default: it needs a repetition guard and a bigger test corpus first. The
-options that matter for latency live in :data:`DECODE_OPTIONS`.
+costs about the same for 1 s and 7 s of audio, and the encoder is most of it. CTranslate2 accepts a
+shorter encoder input, so a turn of up to ``window_s - 1`` seconds is decoded in a ``window_s`` window
+(the audio, then zero features as faster-whisper pads). Measured on this 2-core box over the 10
+pocketsphinx-testdata utterances through 8 kHz µ-law (scripts/bench_engines, "asr window"): a 10 s
+window decodes in ~0.2 s instead of ~0.6 s, with corpus WER 0.033 vs 0.065 clean, 0.32 vs 0.26 at
+10 dB SNR and 0.47 vs 0.41 under a background talker. A window just longer than the audio (2-3 s)
+was as fast but fell into repetition loops ("10 of clubs 10 of clubs 10"), and even at 10 s one
+noisy digit string looped ("5 5 5 5 5 5 5 5 5"): Whisper was trained on 30 s windows and predicts
+the end of speech less surely in a short one. So every short-window result passes a repetition guard
+(:func:`looks_runaway`: too many words per second of audio, a repeated phrase, a hit on the token
+limit) and a suspicious one is decoded again the standard way. ``window_s=None`` turns it off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import re
+import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,9 +58,36 @@ class DecodeOptions:
     suppress_blank: bool = True
     # Per 30 s window. Fast speech is ~120 tokens per 30 s, so more is a hallucination loop.
     max_new_tokens: int | None = 192
+    # Encoder window for short turns, in seconds (None: always the standard 30 s). See the module doc.
+    window_s: float | None = 10.0
 
     def kwargs(self) -> dict[str, Any]:
-        return asdict(self)
+        """The options ``WhisperModel.transcribe`` takes."""
+        out = asdict(self)
+        out.pop("window_s")
+        return out
+
+
+# A runaway decode in a short window says far more than the audio could hold, or repeats itself.
+MAX_WORDS_PER_SECOND = 4.0
+_REPEAT = re.compile(r"\b(\w+(?:\W+\w+){1,5}?)\W+\1\b", re.IGNORECASE)
+
+
+def looks_runaway(text: str, audio_seconds: float, *, hit_token_limit: bool = False) -> bool:
+    """Whether a transcript of ``audio_seconds`` of speech is probably a decoding loop, not speech.
+
+    Conservative on purpose: a false alarm only costs a second, standard decode."""
+    if hit_token_limit:
+        return True
+    words = re.findall(r"\w+", text)
+    if len(words) > MAX_WORDS_PER_SECOND * max(audio_seconds, 1.0) + 1:
+        return True
+    # A phrase of two words or more said twice in a row ("ten of clubs ten of clubs"). A repeated
+    # single word is allowed: callers do say "five five five".
+    if _REPEAT.search(text):
+        return True
+    raw = text.encode("utf-8")
+    return len(raw) > 60 and len(raw) / len(zlib.compress(raw)) > 2.4  # Whisper's own loop test
 
 
 DECODE_OPTIONS = DecodeOptions()
@@ -97,6 +133,20 @@ class WhisperAsr:
             raise AsrLoadError(
                 f"cannot load ASR model {model_id} from {self.model_dir / 'model.bin'}: {exc}"
             ) from exc
+        from faster_whisper.tokenizer import Tokenizer
+
+        self._tokenizer = Tokenizer(
+            self._model.hf_tokenizer, self._model.model.is_multilingual, task="transcribe",
+            language=default_language if self._model.model.is_multilingual else "en",
+        )  # fmt: skip
+        # Greedy, no timestamps: <|startoftranscript|> [language, task] <|notimestamps|>.
+        self._prompt = [*self._tokenizer.sot_sequence, self._tokenizer.no_timestamps]
+        self._prompt_len = len(self._prompt)
+        self._eot = self._tokenizer.eot
+        self._max_length = 448  # Whisper's decoder context
+        self.fallbacks = 0  # short-window decodes redone the standard way (see looks_runaway)
+        self._pending = 0
+        self._pending_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"asr-{model_id}")
         self._warm_up()
 
@@ -109,6 +159,13 @@ class WhisperAsr:
 
     def _decode(self, pcm16k: FloatArray, language: str | None) -> Transcript:
         started = time.perf_counter()
+        seconds = len(pcm16k) / SAMPLE_RATE
+        if self.options.window_s is not None and seconds <= 28.0:
+            result = self._decode_window(pcm16k, seconds)
+            if result is not None:
+                text, no_speech, logprob = result
+                return Transcript(text, seconds, time.perf_counter() - started, no_speech, logprob)
+            self.fallbacks += 1
         segments, _info = self._model.transcribe(
             pcm16k, language=language or self.default_language, **self.options.kwargs()
         )
@@ -117,11 +174,40 @@ class WhisperAsr:
         n = max(1, len(parts))
         return Transcript(
             text=text,
-            audio_seconds=len(pcm16k) / SAMPLE_RATE,
+            audio_seconds=seconds,
             elapsed_seconds=time.perf_counter() - started,
             no_speech_prob=max((s.no_speech_prob for s in parts), default=0.0),
             avg_logprob=sum(s.avg_logprob for s in parts) / n,
         )
+
+    def _decode_window(self, pcm16k: FloatArray, seconds: float) -> tuple[str, float, float] | None:
+        """Greedy decode with a short encoder window; None when the result looks like a loop."""
+        import ctranslate2
+
+        # At least a second of padding after the speech: Whisper needs to see that it ended.
+        window = max(float(self.options.window_s or 30.0), math.ceil(seconds + 1.0))
+        frames = int(min(window, 30.0) * 100)
+        features = self._model.feature_extractor(pcm16k, padding=160)[:, :frames]
+        if features.shape[1] < frames:
+            features = np.pad(features, ((0, 0), (0, frames - features.shape[1])))
+        encoded = self._model.model.encode(
+            ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None], dtype=np.float32)),
+            to_cpu=False,
+        )
+        max_length = min(self._max_length, self._prompt_len + 12 + int(8 * seconds))
+        result = self._model.model.generate(
+            encoded, [self._prompt], beam_size=1, max_length=max_length, return_scores=True,
+            return_no_speech_prob=True, suppress_blank=self.options.suppress_blank, suppress_tokens=[-1],
+        )[0]  # fmt: skip
+        ids = [t for t in result.sequences_ids[0] if t < self._eot]
+        text = self._tokenizer.decode(ids).strip()
+        hit_limit = len(result.sequences_ids[0]) + self._prompt_len >= max_length
+        if looks_runaway(text, seconds, hit_token_limit=hit_limit):
+            log.info("asr: short-window decode looks like a loop (%r); decoding again", text[:80])
+            return None
+        # As faster-whisper computes them (length penalty 1).
+        avg_logprob = result.scores[0] * max(1, len(ids)) / (len(ids) + 1)
+        return text, float(result.no_speech_prob), float(avg_logprob)
 
     def transcribe_sync(self, pcm16k: FloatArray, *, language: str | None = None) -> Transcript:
         return self._decode(self._check(pcm16k), language)
@@ -132,7 +218,23 @@ class WhisperAsr:
         cannot be interrupted mid-decode)."""
         audio = self._check(pcm16k)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._decode, audio, language)
+        with self._pending_lock:
+            self._pending += 1
+        return await loop.run_in_executor(self._executor, self._counted_decode, audio, language)
+
+    def _counted_decode(self, pcm16k: FloatArray, language: str | None) -> Transcript:
+        # Counted down here, not in the awaiting task: a cancelled transcription keeps the worker
+        # busy until CTranslate2 finishes it.
+        try:
+            return self._decode(pcm16k, language)
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+
+    @property
+    def queue_depth(self) -> int:
+        """Transcriptions submitted and not yet finished (running or queued)."""
+        return self._pending
 
     @staticmethod
     def _check(pcm16k: FloatArray) -> FloatArray:

@@ -9,13 +9,15 @@ sample rate, a broken µ-law table, untrimmed padding, a wrong language) pushes 
 """
 
 import asyncio
+import dataclasses
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from appliance.engines.asr import AsrLoadError, WhisperAsr
+from appliance.engines import asr as asr_module
+from appliance.engines.asr import DECODE_OPTIONS, AsrLoadError, WhisperAsr, looks_runaway
 from tests.speech import (
     add_noise,
     corpus_wer,
@@ -127,3 +129,49 @@ def test_corrupt_model_file_names_the_file(tmp_path: Path, asr_engine: WhisperAs
 def test_missing_model_directory_fails_fast_without_a_hub(tmp_path: Path) -> None:
     with pytest.raises(AsrLoadError, match="missing file"):
         WhisperAsr("tiny.en", tmp_path / "nowhere", threads=1)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds", "runaway"),
+    [
+        ("Ten of clubs.", 1.2, False),
+        ("Eight of spades, four of clubs, seven of hearts.", 3.0, False),
+        ("five five five", 1.5, False),  # a repeated single word is something callers say
+        ("10 of clubs 10 of clubs 10", 1.2, True),  # a phrase said again: a loop
+        ("5 5 5 5 5 5 5 5 5", 1.7, True),  # more words than 1.7 s of speech can hold
+        ("", 1.0, False),
+    ],
+)
+def test_looks_runaway(text: str, seconds: float, runaway: bool) -> None:
+    assert looks_runaway(text, seconds) is runaway
+
+
+def test_hitting_the_token_limit_is_a_runaway() -> None:
+    assert looks_runaway("Ten of clubs.", 1.2, hit_token_limit=True)
+
+
+async def test_short_window_is_as_accurate_as_the_30s_window(asr_engine: WhisperAsr) -> None:
+    recs = load_recordings()
+    audio = [(r.text, telephone_16k(r.pcm)) for r in recs]
+    before = asr_engine.fallbacks
+    windowed = await _transcribe_all(asr_engine, audio)
+    assert asr_engine.fallbacks == before  # clean speech never needs the slow path
+    saved = asr_engine.options
+    asr_engine.options = dataclasses.replace(DECODE_OPTIONS, window_s=None)
+    try:
+        standard = await _transcribe_all(asr_engine, audio)
+    finally:
+        asr_engine.options = saved
+    assert corpus_wer(windowed) <= corpus_wer(standard) + 0.03, (windowed, standard)
+
+
+async def test_a_looping_short_window_decode_is_redone_the_standard_way(
+    asr_engine: WhisperAsr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec = load_recordings("cards")[0]
+    audio = telephone_16k(rec.pcm)
+    monkeypatch.setattr(asr_module, "looks_runaway", lambda *a, **k: True)
+    before = asr_engine.fallbacks
+    result = await asr_engine.transcribe(audio)
+    assert asr_engine.fallbacks == before + 1
+    assert wer(rec.text, result.text) <= 0.34, result.text
