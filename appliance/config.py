@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config.toml"
@@ -60,6 +60,11 @@ class LlmSettings(_Section):
     context_size: int = 4096
 
 
+class AsrSettings(_Section):
+    # Encoder window for short turns, seconds; 0 decodes every turn in Whisper's full 30 s window.
+    window_s: float = 10.0
+
+
 class LimitSettings(_Section):
     max_upload_bytes: int = 10 * 1024 * 1024
     handler_timeout_s: float = 5.0
@@ -75,6 +80,12 @@ class CallSettings(_Section):
     barge_in_min_speech_ms: int = 300
     playout_lead_ms: int = 160
     stream_token_ttl_s: int = 300
+    # Transcribe after this much silence, before the end of the turn is certain.
+    pause_ms: int = 250
+    # End-of-turn silence adapted to the words so far (shorter after a sentence, longer after "and").
+    smart_end_of_turn: bool = True
+    # Start the reply at that pause, held back until the end of the turn is certain.
+    speculative: bool = True
 
 
 class Settings(_Section):
@@ -87,10 +98,13 @@ class Settings(_Section):
     chroma_url: str = ""
     models_dir: Path = Path("models")
     log_level: str = "info"
+    # GET /metrics: with a token, callers need "Authorization: Bearer <token>"; without, loopback only.
+    metrics_token: SecretStr = SecretStr("")
     models: ModelsSettings = ModelsSettings()
     threads: ThreadSettings = ThreadSettings()
     gpu: GpuSettings = GpuSettings()
     llm: LlmSettings = LlmSettings()
+    asr: AsrSettings = AsrSettings()
     limits: LimitSettings = LimitSettings()
     call: CallSettings = CallSettings()
 

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from .config import Settings
 from .engines.registry import EngineRegistry
+from .metrics import ApplianceMetrics
 from .model_manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class AppState:
     engines: EngineRegistry
     # Filled in by the lifespan; typed loosely here so the api layer owns its own service types.
     services: dict[str, Any] = field(default_factory=dict)
+    metrics: ApplianceMetrics = field(default_factory=ApplianceMetrics)
 
 
 def create_app(settings: Settings, *, load_engines: bool = True) -> FastAPI:

@@ -24,4 +24,7 @@ def install_routes(app: FastAPI) -> None:
     from . import chat  # brain helper's router
 
     app.include_router(chat.router)
+    from . import metrics_route  # GET /metrics (Prometheus text)
+
+    app.include_router(metrics_route.router)
     return None

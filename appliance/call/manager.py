@@ -25,7 +25,7 @@ from ..telephony.rest import PlivoApiError, PlivoRest
 from ..telephony.signature import SignatureVerifier
 from ..telephony.stream_token import StreamClaims, StreamTokens, load_or_create_secret
 from .playout import AudioSink
-from .records import CallInfo
+from .records import CallInfo, TeeRecorder
 from .session import CallSession, SessionConfig
 
 if TYPE_CHECKING:
@@ -117,6 +117,7 @@ class CallManager:
         if call_uuid in self._pending or call_uuid in self.live:
             return True
         if self._closing or len(self.live) + len(self._pending) >= self.settings.limits.max_concurrent_calls:
+            self.state.metrics.calls_refused.inc()
             return False
         self._pending[call_uuid] = time.monotonic() + PENDING_TTL_S
         return True
@@ -149,6 +150,7 @@ class CallManager:
             raise CallRefused("this call has already ended")
         self._pending.pop(call_uuid, None)
         if self._closing or len(self.live) >= self.settings.limits.max_concurrent_calls:
+            self.state.metrics.calls_refused.inc()
             raise CallRefused("over capacity")
         engines = self.state.engines
         stt = agent.stt or {}
@@ -178,6 +180,7 @@ class CallManager:
             welcome_message=welcome, call_timeout_s=float(agent.call_timeout or 0),
             end_of_turn_silence_ms=cs.end_of_turn_silence_ms, min_utterance_ms=cs.min_utterance_ms,
             barge_in_min_speech_ms=cs.barge_in_min_speech_ms, playout_lead_ms=cs.playout_lead_ms,
+            pause_ms=cs.pause_ms, smart_end_of_turn=cs.smart_end_of_turn, speculative=cs.speculative,
             tts_speed=float(tts_cfg.get("speed") or 1.0), language=stt.get("language") or "en",
         )  # fmt: skip
         rest = self.rest_for(account)
@@ -191,7 +194,8 @@ class CallManager:
         writer = CallRecordWriter(self.state.services["db"].sessions, call_uuid)
         session = CallSession(
             info, config, vad=vad, asr=asr, tts=tts, brain=brain, sink=sink,
-            control=PlivoCallControl(rest, call_uuid, transfer_url), recorder=writer,
+            control=PlivoCallControl(rest, call_uuid, transfer_url),
+            recorder=TeeRecorder(writer, self.state.metrics.observe_call()),
             vad_executor=self._vad_executor,
         )  # fmt: skip
         live = LiveCall(info, session, writer, rest)

@@ -67,6 +67,17 @@ class CallRecorder(Protocol):
         ...
 
 
+class TeeRecorder:
+    """Hands every event to each of several recorders, in order (the record writer, metrics)."""
+
+    def __init__(self, *recorders: CallRecorder):
+        self.recorders = recorders
+
+    def submit(self, event: CallEvent) -> None:
+        for recorder in self.recorders:
+            recorder.submit(event)
+
+
 class MemoryRecorder:
     """Keeps every event in a list: for tests and the benchmark."""
 

@@ -67,6 +67,17 @@ class Reply:
     finalized: bool = False
     got_text: bool = False
     brain_started: bool = False  # the brain has the caller's words in its history
+    # Set when the reply may be heard. A speculative reply (started at a pause, before the end of
+    # the turn was certain) generates and synthesizes behind a closed gate; it opens on commit.
+    gate: asyncio.Event | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.gate is not None and not self.gate.is_set()
+
+    async def wait_gate(self) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
 
     @property
     def text(self) -> str:
@@ -100,17 +111,39 @@ class Voice:
         self.out_rate = out_rate
 
     async def speak(self, reply: Reply, clause: str) -> Segment:
-        seg = self.playout.begin(reply.id, clause)
-        reply.segments.append(seg)
+        """Synthesize ``clause`` and queue it for playout as it is produced. While the reply is
+        held (speculative), the audio is kept here and queued the moment it is committed."""
         resampler = StreamResampler(self.tts.sample_rate, self.out_rate, dtype=np.int16)
+        seg: Segment | None = None
+        held: list[bytes] = []
+
+        async def emit(data: bytes) -> None:
+            nonlocal seg
+            if seg is None:
+                if reply.held:
+                    held.append(data)
+                    return
+                seg = self.playout.begin(reply.id, clause)
+                reply.segments.append(seg)
+                for chunk in held:
+                    await self.playout.push(seg, chunk)
+                held.clear()
+            await self.playout.push(seg, data)
+
         # aclosing: a cancelled reply must stop the synthesizer's generator now, not at GC time.
         async with contextlib.aclosing(self.tts.synthesize(clause, speed=self.speed)) as chunks:  # type: ignore[type-var]
             async for pcm in chunks:
                 out = resampler.process(np.asarray(pcm, dtype=np.int16))
                 if out.size:
-                    await self.playout.push(seg, mulaw.encode(out))
+                    await emit(mulaw.encode(out))
         tail = resampler.flush()
         if tail.size:
-            await self.playout.push(seg, mulaw.encode(tail.astype(np.int16)))
+            await emit(mulaw.encode(tail.astype(np.int16)))
+        if seg is None:
+            await reply.wait_gate()
+            seg = self.playout.begin(reply.id, clause)
+            reply.segments.append(seg)
+            for chunk in held:
+                await self.playout.push(seg, chunk)
         await self.playout.end(seg)
         return seg

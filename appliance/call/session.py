@@ -5,6 +5,12 @@ cancellable: decode, resample, VAD, turn detection, pausing/resuming/clearing th
 *Cancellable work* (transcription, the brain's turn, synthesis) runs in per-turn tasks that control
 cancels on barge-in or hang-up. Every task belongs to the session's TaskGroup.
 
+Speculation: at a short pause the utterance so far is transcribed; its words set how long a silence
+ends this turn (``EndpointPolicy``), and the reply starts at once — brain and TTS run behind a closed
+gate (``Reply.gate``), so when the silence holds, the first clause is ready to play. If the caller
+goes on talking, the speculative reply is cancelled and the brain's history restored. A speculative
+reply never dispatches a function or records anything before it is committed.
+
 Barge-in: caller speech while the agent is busy pauses the playout at once (a "candidate"). It is
 confirmed (brain and TTS cancelled, ``clearAudio`` sent, history cut to what was heard) when the
 speech carries real words or lasts long; a short noise or a backchannel resumes the reply.
@@ -39,6 +45,7 @@ from ..engines.types import AsrEngine, FloatArray, Int16Array, TtsEngine, VadMod
 from ..store.db import utcnow
 from .chunker import ClauseChunker
 from .clock import Clock, MonotonicClock
+from .endpoint import EndpointPolicy
 from .playout import AudioSink, Playout
 from .records import CallFinished, CallInfo, CallRecorder, CallStarted, FunctionCallRecord, TurnRecord
 from .reply import Reply, ReplyKind, Voice
@@ -80,6 +87,9 @@ class Brain(Protocol):
         """Something the agent said outside a brain turn (welcome, goodbye)."""
         ...
 
+    # Optional (looked up with getattr): ``snapshot() -> object`` and ``restore(state)``, which let a
+    # speculative turn be undone; a brain without them is never asked to speculate.
+
 
 class CallControl(Protocol):
     """Call control outside the media stream (Plivo REST)."""
@@ -103,8 +113,26 @@ class SessionConfig:
     language: str | None = "en"
     # Below this RMS (int16 units, ~-47 dBFS) a frame is never speech: echo residue and line hiss.
     min_speech_rms: float = 150.0
+    # Start transcribing after this much silence, before the end of the turn is certain.
+    pause_ms: int = 250
+    # Adapt the end-of-turn silence to the words so far (see appliance/call/endpoint.py).
+    smart_end_of_turn: bool = True
+    # Start the reply at the pause, held back until the end of the turn is certain.
+    speculative: bool = True
     goodbye_message: str = "Goodbye."
     timeout_message: str = "I'm sorry, we have reached the time limit for this call. Goodbye."
+
+
+@dataclass(eq=False)
+class _Speculation:
+    """A reply started before the end of the turn was certain."""
+
+    text: str
+    reply: Reply
+    brain_state: object
+    carry: str  # ``CallSession._carry`` before this reply took it
+    transcript_at: float
+    asr_ms: float
 
 
 @dataclass
@@ -148,8 +176,10 @@ class CallSession:
         self.playout = Playout(sink, self.clock, lead_ms=config.playout_lead_ms)
         self.voice = Voice(tts, self.playout, speed=config.tts_speed)
         self.detector = TurnDetector(
-            end_of_turn_silence_ms=config.end_of_turn_silence_ms, min_utterance_ms=config.min_utterance_ms
-        )
+            end_of_turn_silence_ms=config.end_of_turn_silence_ms, min_utterance_ms=config.min_utterance_ms,
+            pause_ms=config.pause_ms,
+        )  # fmt: skip
+        self.endpoint = EndpointPolicy(default_ms=config.end_of_turn_silence_ms)
         self.utterance = UtteranceBuffer(16000, max_seconds=30.0, preroll_ms=400.0)
         self._up = StreamResampler(8000, 16000, dtype=np.int16)
         self._inbound: asyncio.Queue[bytes] = asyncio.Queue(maxsize=INBOUND_MAX_FRAMES)
@@ -158,6 +188,12 @@ class CallSession:
         self._reply: Reply | None = None
         self._listen: asyncio.Task[None] | None = None
         self._early: tuple[int, asyncio.Task[str]] | None = None  # (buffer length, transcription)
+        self._utterance_seq = 0  # counts utterances; the open one is ``_open_utterance``
+        self._open_utterance: int | None = None
+        self._spec: _Speculation | None = None
+        self._rollback: asyncio.Task[None] | None = None  # restoring the brain after a dropped spec
+        self.speculations = 0
+        self.speculations_dropped = 0
         self._leave_cause = "agent_hangup"
         self._carry = ""  # caller words whose reply was cut before the brain saw them
         self._barge: _BargeIn | None = None
@@ -257,7 +293,8 @@ class CallSession:
     def _cancel_cancellable(self) -> None:
         if self._reply is not None and self._reply.task is not None:
             self._reply.task.cancel()
-        for task in (self._listen, self._early[1] if self._early else None):
+        spec = self._spec.reply.task if self._spec is not None else None
+        for task in (self._listen, self._early[1] if self._early else None, spec):
             if task is not None:
                 task.cancel()
         if self._barge is not None and self._barge.checking is not None:
@@ -324,6 +361,8 @@ class CallSession:
         cfg = self.config
         if isinstance(event, SpeechStarted):
             self.utterance.start()
+            self._utterance_seq += 1
+            self._open_utterance = self._utterance_seq
             self._drop_early()
             if self._busy() and self._barge is None and not self._closing:
                 self.playout.pause()
@@ -340,14 +379,16 @@ class CallSession:
         elif isinstance(event, SpeechPaused):
             if self._early is None:
                 snapshot = self.utterance.snapshot()
-                task = self._spawn(self._transcribe_safely(snapshot), "early-asr")
+                task = self._spawn(self._early_transcript(snapshot, self._utterance_seq), "early-asr")
                 if task is not None:
                     self._early = (len(self.utterance), task)  # type: ignore[assignment]
         elif isinstance(event, SpeechDiscarded):
+            self._open_utterance = None
             self.utterance.stop()
             self._drop_early()
             self._resume_after_noise()
         elif isinstance(event, TurnEnded):
+            self._open_utterance = None
             audio = self.utterance.take()
             barge = self._barge
             if barge is not None and not barge.confirmed and event.voiced_ms < cfg.barge_in_min_speech_ms:
@@ -357,17 +398,77 @@ class CallSession:
             # An early transcription survives only if the caller did not speak again after it.
             early = self._early[1] if self._early is not None else None
             self._early = None
+            spec, self._spec = self._spec, None
             if self._closing:
+                if spec is not None:
+                    self._spec = spec
+                    self._drop_speculation()
                 return
             # Utterances are answered in order: a slow transcription of the previous one must not
             # be overtaken (or dropped) by the next.
             previous = self._listen
-            self._listen = self._spawn(self._on_utterance(audio, event, early, previous), "listen")  # type: ignore[assignment]
+            self._listen = self._spawn(self._on_utterance(audio, event, early, previous, spec), "listen")  # type: ignore[assignment]
 
     def _drop_early(self) -> None:
         if self._early is not None:
             self._early[1].cancel()
             self._early = None
+        self._drop_speculation()
+
+    async def _early_transcript(self, audio: FloatArray, utterance: int) -> str:
+        """Transcribe at a pause; while the utterance is still open (the caller silent since),
+        let its words set the end-of-turn silence and start the reply speculatively."""
+        started = self.clock.now()
+        text = await self._transcribe_safely(audio)
+        if self._open_utterance != utterance or not text:
+            return text  # the turn already ended (it uses this text) or was noise
+        if self.config.smart_end_of_turn:
+            self.detector.set_turn_silence(self.endpoint.silence_ms(text))
+        if self.config.speculative and self.endpoint.looks_final(text) and self._can_speculate():
+            self._speculate(text, started)
+        return text
+
+    def _can_speculate(self) -> bool:
+        return (
+            self._tg is not None
+            and not self._closing
+            and self._spec is None
+            and self._barge is None
+            and self._listen is None
+            and (self._reply is None or self._reply.finalized)
+            and not self.playout.speaking()
+            and not self._carry  # an interrupted question pending: answer it the plain way
+            and callable(getattr(self.brain, "snapshot", None))
+            and callable(getattr(self.brain, "restore", None))
+        )
+
+    def _speculate(self, text: str, started: float) -> None:
+        now = self.clock.now()
+        state = self.brain.snapshot()  # type: ignore[attr-defined]
+        reply = self._start_reply("answer", input_text=text, held=True)
+        if reply is None:
+            return
+        self.speculations += 1
+        self._spec = _Speculation(text, reply, state, "", now, (now - started) * 1000.0)
+
+    def _drop_speculation(self) -> None:
+        """The caller went on talking (or the call moved on): undo the speculative reply."""
+        spec, self._spec = self._spec, None
+        if spec is None:
+            return
+        self.speculations_dropped += 1
+        self._carry = spec.carry
+        task = spec.reply.task
+        if task is not None and not task.done():
+            task.cancel()
+            self._rollback = self._spawn(self._restore_brain(task, spec.brain_state), "spec-rollback")  # type: ignore[assignment]
+        else:
+            self.brain.restore(spec.brain_state)  # type: ignore[attr-defined]
+
+    async def _restore_brain(self, task: asyncio.Task[None], state: object) -> None:
+        # Only once the cancelled turn has unwound: its clean-up writes to the history.
+        await asyncio.wait({task})
+        self.brain.restore(state)  # type: ignore[attr-defined]
 
     def _resume_after_noise(self) -> None:
         barge = self._barge
@@ -438,8 +539,12 @@ class CallSession:
         ended: TurnEnded,
         early: asyncio.Task[str] | None,
         previous: asyncio.Task[None] | None = None,
+        spec: _Speculation | None = None,
     ) -> None:
         try:
+            if spec is not None:
+                self._commit(spec, ended)
+                return
             started = self.clock.now()
             if early is not None:
                 text = await early
@@ -483,7 +588,21 @@ class CallSession:
             if self._listen is asyncio.current_task():
                 self._listen = None
 
+    def _commit(self, spec: _Speculation, ended: TurnEnded) -> None:
+        """The silence held: the speculative reply is the answer. Let it be heard."""
+        reply = spec.reply
+        log.info("call %s: caller said %r (voiced %.0f ms, speculative reply)",
+                 self.info.call_uuid, spec.text, ended.voiced_ms)  # fmt: skip
+        self._record_turn("caller", spec.text, ended.onset, ended.last_voiced)
+        t = reply.timings
+        t.onset, t.last_voiced, t.decided = ended.onset, ended.last_voiced, ended.decided
+        t.transcript, t.asr_ms = spec.transcript_at, spec.asr_ms
+        self._reply = reply
+        if reply.gate is not None:
+            reply.gate.set()
+
     async def _on_dtmf(self, digit: str) -> None:
+        self._drop_speculation()
         if self._reply is not None and not self._reply.finalized:
             await self._interrupt()
         self._barge = None
@@ -495,14 +614,24 @@ class CallSession:
         return full
 
     def _start_reply(
-        self, kind: ReplyKind, *, input_text: str | None = None, fixed_text: str | None = None
+        self,
+        kind: ReplyKind,
+        *,
+        input_text: str | None = None,
+        fixed_text: str | None = None,
+        held: bool = False,
     ) -> Reply | None:
+        """Start a reply task. ``held``: speculative, silent until its gate opens (``_commit``);
+        it does not become the current reply until then."""
         if self._tg is None or (self._closing and kind != "goodbye"):
             return None
         self._next_reply += 1
         reply = Reply(self._next_reply, kind, input_text=input_text, fixed_text=fixed_text)
         reply.started_at = self.clock.now()
-        self._reply = reply
+        if held:
+            reply.gate = asyncio.Event()
+        else:
+            self._reply = reply
         reply.task = self._tg.create_task(self._run_reply(reply), name=f"reply-{reply.id}")
         return reply
 
@@ -539,6 +668,9 @@ class CallSession:
 
         async def think() -> None:
             try:
+                rollback = self._rollback
+                if rollback is not None and not rollback.done():
+                    await asyncio.wait({rollback})  # a dropped speculation is still undoing itself
                 reply.brain_started = True
                 async with contextlib.aclosing(self.brain.turn(reply.input_text or "")) as events:  # type: ignore[type-var]
                     async for event in events:
@@ -547,7 +679,11 @@ class CallSession:
                                 timings.first_token = self.clock.now()
                             for clause in chunker.push(event.text):
                                 await put(clause)
-                        elif isinstance(event, FunctionCallStarted):
+                            continue
+                        # Nothing but words before commit: the generator stays suspended here, so
+                        # a function is not dispatched (nor anything recorded) until then.
+                        await reply.wait_gate()
+                        if isinstance(event, FunctionCallStarted):
                             log.info("call %s: function %s", self.info.call_uuid, event.name)
                         elif isinstance(event, FunctionCallFinished):
                             self.recorder.submit(
@@ -603,6 +739,7 @@ class CallSession:
 
     async def _timeout_watch(self) -> None:
         await self.clock.sleep_until(self.started_mono + self.config.call_timeout_s)
+        self._drop_speculation()
         self._closing = True
         self._leave_cause = "call_timeout"
         self._barge = None

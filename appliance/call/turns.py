@@ -3,8 +3,10 @@ audio in a bounded buffer with a little pre-roll.
 
 Speech starts only after a few consecutive voiced windows (hysteresis: a higher threshold to start,
 a lower one to stay voiced), so one loud click does not open a turn. A turn ends after
-``end_of_turn_silence_ms`` of silence; it counts only if it held at least ``min_utterance_ms`` of voiced
-audio, otherwise it was a click or a cough and is discarded.
+``end_of_turn_silence_ms`` of silence, or after the wait set for this utterance with
+``set_turn_silence`` once its words are known (shorter after a complete sentence, longer after "and"
+or half a number). It counts only if it held at least ``min_utterance_ms`` of voiced audio, otherwise
+it was a click or a cough and is discarded.
 """
 
 from __future__ import annotations
@@ -88,6 +90,18 @@ class TurnDetector:
         self._silence_ms = 0.0
         self._last_voiced = 0.0
         self._paused_sent = False
+        self._turn_silence_ms: float | None = None
+
+    def set_turn_silence(self, ms: float | None) -> None:
+        """The silence that ends the current utterance, decided from what the caller said so far;
+        forgotten as soon as they speak again. ``None``: back to ``end_of_turn_silence_ms``."""
+        if self.in_speech:
+            self._turn_silence_ms = None if ms is None else max(ms, self.window_ms)
+
+    @property
+    def silence_ms(self) -> float:
+        """Silence since the last voiced window of the current utterance."""
+        return self._silence_ms if self.in_speech else 0.0
 
     @property
     def voiced_ms(self) -> float:
@@ -108,6 +122,7 @@ class TurnDetector:
                     self._silence_ms = 0.0
                     self._last_voiced = now
                     self._paused_sent = False
+                    self._turn_silence_ms = None
                     self._run = 0
                     events.append(SpeechStarted(self._onset))
                     events.append(SpeechProgress(self._voiced_ms))
@@ -120,6 +135,7 @@ class TurnDetector:
             self._silence_ms = 0.0
             self._last_voiced = now
             self._paused_sent = False
+            self._turn_silence_ms = None
             events.append(SpeechProgress(self._voiced_ms))
             return events
 
@@ -128,7 +144,8 @@ class TurnDetector:
             self._paused_sent = True
             if self._voiced_ms >= self.min_utterance_ms:
                 events.append(SpeechPaused(self._voiced_ms, self._last_voiced))
-        if self._silence_ms >= self.end_of_turn_silence_ms:
+        wait = self.end_of_turn_silence_ms if self._turn_silence_ms is None else self._turn_silence_ms
+        if self._silence_ms >= wait:
             if self._voiced_ms >= self.min_utterance_ms:
                 events.append(TurnEnded(self._onset, self._last_voiced, now, self._voiced_ms))
             else:
@@ -136,6 +153,7 @@ class TurnDetector:
             self.in_speech = False
             self._voiced_ms = 0.0
             self._silence_ms = 0.0
+            self._turn_silence_ms = None
         return events
 
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from ..engines.types import LlmEngine
 from .dispatch import Dispatcher
@@ -129,8 +129,10 @@ class Conversation:
         every minute: a changed system prompt invalidates llama.cpp's cached prefix, and re-reading
         ~600 prompt tokens costs seconds on a CPU, far more than a stale minute is worth."""
         now = clock(self.context)
-        if self._prompt_clock is None or now - self._prompt_clock > PROMPT_CLOCK_HOLD or (
-            now < self._prompt_clock
+        if (
+            self._prompt_clock is None
+            or now - self._prompt_clock > PROMPT_CLOCK_HOLD
+            or (now < self._prompt_clock)
         ):
             self._prompt_clock = now
         return self._prompt_clock
@@ -146,6 +148,17 @@ class Conversation:
                 break
 
     # -- history edits from the call layer ---------------------------------------------------------
+    def snapshot(self) -> object:
+        """The conversation state before a speculative turn (see ``restore``)."""
+        return (list(self.history), list(self._pending))
+
+    def restore(self, state: object) -> None:
+        """Forget every turn since ``snapshot``: a turn started before the caller had finished
+        (speculatively) is undone when they go on talking. Call it only once that turn's generator
+        has been closed, so its clean-up cannot write to the history afterwards."""
+        history, pending = cast(tuple[list[HistoryItem], list[FunctionSpec]], state)
+        self.history, self._pending = list(history), list(pending)
+
     def add_assistant_message(self, text: str) -> None:
         """Something the agent said outside a turn (the welcome message)."""
         self.history.append(HistoryItem("say", text=text))

@@ -234,6 +234,11 @@ class LlamaLlm:
 
     # -- generation --------------------------------------------------------------------------
     @property
+    def queue_depth(self) -> int:
+        """Generations submitted and not finished (the running one included)."""
+        return len(self._jobs)
+
+    @property
     def busy(self) -> bool:
         """True while the worker thread is inside a generation."""
         return self._running.is_set()
@@ -294,6 +299,13 @@ class LlamaLlm:
         finally:
             stats.total_s = time.monotonic() - started
             self.last_stats = stats
+            log.debug(
+                "llm %s: prompt %d tokens (%d cached, %d restored), %d generated, queued %.0f ms, "
+                "first token %.0f ms, %.1f tokens/s, %s",
+                self.model_id, stats.prompt_tokens, stats.cached_tokens, stats.restored_tokens,
+                stats.completion_tokens, stats.queued_s * 1000, (stats.first_token_s or 0) * 1000,
+                stats.tokens_per_s, stats.finish,
+            )  # fmt: skip
             self._running.clear()
             job.post(_END)
 

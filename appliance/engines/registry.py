@@ -45,11 +45,15 @@ class EngineRegistry:
 
             return SileroVad(path / "silero_vad.onnx", threads=s.threads.vad)
         if role == "asr":
-            from .asr import WhisperAsr
+            import dataclasses
 
+            from .asr import DECODE_OPTIONS, WhisperAsr
+
+            window = s.asr.window_s if s.asr.window_s > 0 else None
             return WhisperAsr(
                 model_id, path, threads=s.threads.asr, device=s.gpu.asr_device,
                 compute_type=s.gpu.asr_compute_type,
+                options=dataclasses.replace(DECODE_OPTIONS, window_s=window),
             )  # fmt: skip
         if role == "llm":
             from .llm import LlamaLlm

@@ -66,7 +66,13 @@ class PiperTts:
         self._voice = PiperVoice(session=session, config=config)
         self.sample_rate: int = config.sample_rate
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"tts-{voice_id}")
+        self._active = 0  # synthesize() calls in progress (running or waiting for a worker)
         self._warm_up()
+
+    @property
+    def queue_depth(self) -> int:
+        """Utterances being synthesized or waiting for a worker."""
+        return self._active
 
     def _warm_up(self) -> None:
         started = time.perf_counter()
@@ -93,6 +99,7 @@ class PiperTts:
             return
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=QUEUE_CHUNKS)
         producer = asyncio.create_task(self._produce(self._chunks(text, speed), queue))
+        self._active += 1  # only touched on the event loop
         try:
             while True:
                 item = await queue.get()
@@ -105,6 +112,7 @@ class PiperTts:
             # Closed or cancelled early: stop before the next sentence. A sentence already being
             # synthesized in the worker finishes there and is dropped; the producer itself ends at
             # once, and ``asyncio.wait`` neither raises its cancellation nor swallows ours.
+            self._active -= 1
             producer.cancel()
             await asyncio.wait([producer])
 

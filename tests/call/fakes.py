@@ -17,7 +17,7 @@ from appliance.audio import mulaw
 from appliance.call.clock import VirtualClock
 from appliance.call.records import CallInfo, MemoryRecorder
 from appliance.call.session import CallSession, SessionConfig
-from appliance.conversation.types import TextDelta, TurnDone, TurnEvent
+from appliance.conversation.types import FunctionCallStarted, TextDelta, TurnDone, TurnEvent
 from appliance.engines.types import FloatArray, Int16Array, Transcript
 
 FRAME = 160
@@ -239,3 +239,30 @@ def make_harness(
         sink=sink, control=control, recorder=recorder, clock=clock,
     )  # fmt: skip
     return Harness(session, clock, sink, brain, asr, tts, control, recorder)
+
+
+@dataclass
+class SpeculativeBrain(ScriptedBrain):
+    """A brain with a history that can be snapshotted and restored, so the session may answer
+    speculatively. ``dispatched`` lists functions whose call went past ``FunctionCallStarted``."""
+
+    history: list[str] = field(default_factory=list)
+    dispatched: list[str] = field(default_factory=list)
+    restores: int = 0
+
+    async def turn(self, text: str) -> AsyncIterator[TurnEvent]:
+        self.history.append(f"user: {text}")
+        async for event in super().turn(text):
+            if isinstance(event, TurnDone):
+                self.history.append(f"agent: {event.text}")
+            yield event
+            if isinstance(event, FunctionCallStarted):
+                self.dispatched.append(event.name)  # resumed after the start event: dispatching
+
+    def snapshot(self) -> object:
+        return list(self.history)
+
+    def restore(self, state: object) -> None:
+        assert isinstance(state, list)
+        self.restores += 1
+        self.history = list(state)

@@ -7,7 +7,7 @@ import asyncio
 from appliance.call.session import is_backchannel
 from appliance.conversation.types import EndCall, FunctionCallFinished, FunctionCallStarted, Transfer
 
-from .fakes import ScriptedBrain, make_harness, tone
+from .fakes import ScriptedBrain, SpeculativeBrain, make_harness, tone
 
 LONG_ANSWER = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen."
 
@@ -322,4 +322,106 @@ async def test_a_failing_transcription_loses_the_turn_not_the_call() -> None:
     h.session.feed_dtmf("1")
     await h.clock.advance(0.5)
     assert h.brain.turns == ["The caller pressed 1."]
+    await h.stop()
+
+
+# -- speculation and smarter end of turn --------------------------------------------------------
+
+
+async def test_a_speculative_reply_is_heard_as_soon_as_a_complete_sentence_ends() -> None:
+    brain = SpeculativeBrain()
+    h = make_harness(brain=brain, asr_script=lambda s: "What are your hours?")
+    await h.start()
+    await h.feed(tone(800))
+    voiced_end = h.clock.now()
+    await h.silence(200)
+    assert h.sink.plays() == []  # the pause has not come yet
+    await h.silence(2000)
+    assert brain.turns == ["What are your hours?"]
+    assert h.session.speculations == 1 and h.session.speculations_dropped == 0
+    # A finished sentence ends the turn after ~380 ms, not 600, and the reply is ready by then.
+    first_play = h.sink.plays()[0].at
+    assert 0.35 <= first_play - voiced_end <= 0.48
+    await h.silence(1000)
+    caller, agent = h.recorder.turns
+    assert caller.role == "caller" and caller.text == "What are your hours?"
+    assert agent.text == "You said What are your hours?." and not agent.interrupted
+    assert agent.timings["end_of_turn_ms"] < 450
+    assert brain.history == ["user: What are your hours?", "agent: You said What are your hours?."]
+    await h.stop()
+
+
+async def test_talking_on_after_a_pause_drops_the_speculative_reply_unheard() -> None:
+    texts = iter(["Cancel my order.", "Cancel my order. No wait, where is it?"])
+    brain = SpeculativeBrain(
+        script=lambda text: (
+            [FunctionCallStarted("cancel_order", {}), "Cancelled."]
+            if text == "Cancel my order."
+            else ["It is on its way."]
+        )
+    )
+    h = make_harness(brain=brain, asr_script=lambda s: next(texts))
+    await h.start()
+    await h.feed(tone(700))
+    await h.silence(330)  # the pause: speculation starts, and reaches the function call
+    assert h.session.speculations == 1
+    assert h.sink.plays() == []
+    await h.feed(tone(700))  # the caller goes on
+    resumed_end = h.clock.now()
+    await h.silence(2500)
+    assert h.session.speculations_dropped == 1
+    assert brain.dispatched == []  # never dispatched before the turn was certain
+    assert brain.restores == 1
+    assert brain.history == ["user: Cancel my order. No wait, where is it?", "agent: It is on its way."]
+    assert all(p.at > resumed_end for p in h.sink.plays())
+    assert h.tts.spoken == ["It is on its way."]
+    callers = [t.text for t in h.recorder.turns if t.role == "caller"]
+    assert callers == ["Cancel my order. No wait, where is it?"]
+    assert h.recorder.function_calls == []
+    await h.stop()
+
+
+async def test_a_speculative_function_call_is_dispatched_once_the_turn_is_certain() -> None:
+    brain = SpeculativeBrain(
+        script=lambda text: [
+            FunctionCallStarted("get_hours", {}),
+            FunctionCallFinished("get_hours", {}, "9-5", True, None),
+            "We open at nine.",
+        ]
+    )
+    h = make_harness(brain=brain, asr_script=lambda s: "When do you open?")
+    await h.start()
+    await h.feed(tone(700))
+    await h.silence(300)
+    assert brain.dispatched == []  # held at the call until the silence holds
+    await h.silence(1500)
+    assert brain.dispatched == ["get_hours"]
+    assert [c.name for c in h.recorder.function_calls] == ["get_hours"]
+    assert h.tts.spoken == ["We open at nine."]
+    await h.stop()
+
+
+async def test_a_half_read_number_is_not_cut_off_at_the_usual_silence() -> None:
+    brain = SpeculativeBrain()
+    h = make_harness(brain=brain, asr_script=lambda s: "My order number is 5 5 1")
+    await h.start()
+    await h.feed(tone(900))
+    await h.silence(1000)  # longer than the default 600 ms: a plain detector would have answered
+    assert brain.turns == [] and h.session.speculations == 0
+    await h.silence(1000)
+    assert brain.turns == ["My order number is 5 5 1"]
+    await h.stop()
+
+
+async def test_without_speculation_the_turn_waits_for_the_full_silence() -> None:
+    brain = SpeculativeBrain()
+    h = make_harness(
+        brain=brain, asr_script=lambda s: "What are your hours?", speculative=False, smart_end_of_turn=False
+    )
+    await h.start()
+    await h.feed(tone(800))
+    voiced_end = h.clock.now()
+    await h.silence(2000)
+    assert h.session.speculations == 0
+    assert 0.55 <= h.sink.plays()[0].at - voiced_end <= 0.75
     await h.stop()

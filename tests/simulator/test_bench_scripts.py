@@ -1,0 +1,271 @@
+"""scripts/bench_load and scripts/soak: their arithmetic (percentiles per level, the capacity decision,
+soak slopes and verdict, the busy-call check) on synthetic numbers, the process probes, ``--help``,
+and one short real load run (one level, one call, one turn, plus the over-capacity check)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.api.talk import BUSY_MESSAGE
+from appliance.config import PROJECT_ROOT, load_settings
+from appliance.simulator.benchkit import (
+    SPEECH_DIR,
+    CpuMeter,
+    SoakLimits,
+    busy_problems,
+    capacity,
+    missing_models,
+    pct,
+    proc_sample,
+    slope_per_hour,
+    soak_verdict,
+    summarize_level,
+    turn_script,
+)
+from appliance.simulator.caller import Say
+from appliance.simulator.report import CallResult, Violation
+from appliance.telephony.xml import apology_xml, stream_xml
+
+SCRIPTS = PROJECT_ROOT / "scripts"
+
+
+def _call(v2v: list[float], unanswered: int = 0, closed_by: str = "caller", **kw: Any) -> dict[str, Any]:
+    return {
+        "voice_to_voice_ms": v2v,
+        "unanswered": unanswered,
+        "closed_by": closed_by,
+        "violation_count": kw.get("violations", 0),
+        "late_ticks": kw.get("late_ticks", 0),
+    }
+
+
+def _level(level: int, p95: float | None, unanswered: int = 0) -> dict[str, Any]:
+    return {"level": level, "voice_to_voice_p95_ms": p95, "unanswered": unanswered}
+
+
+# -- percentiles and levels -------------------------------------------------------------------------
+
+
+def test_pct_interpolates_and_handles_empty() -> None:
+    assert pct([], 0.5) is None
+    assert pct([5.0], 0.95) == 5.0
+    assert pct([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
+    assert pct(range(1, 101), 0.9) == 90.1
+
+
+def test_summarize_level_pools_the_turns_of_every_call() -> None:
+    calls = [
+        _call([1000.0, 2000.0], closed_by="caller"),
+        _call([3000.0], unanswered=1, closed_by="timeout", violations=2, late_ticks=3),
+    ]
+    s = summarize_level(
+        2, calls, cpu={"cpu_pct": 80.0, "thread_cpu_pct": 5.0, "wall_s": 60.0}, peak_rss_mb=900.0
+    )
+    assert s["level"] == 2 and s["calls"] == 2
+    assert s["turns"] == 4 and s["answered"] == 3 and s["unanswered"] == 1
+    assert s["voice_to_voice_p50_ms"] == 2000.0 and s["voice_to_voice_p95_ms"] == 2900.0
+    assert s["voice_to_voice_max_ms"] == 3000.0
+    assert s["violations"] == 2 and s["cut_calls"] == 1 and s["late_ticks"] == 3
+    assert s["cpu_pct"] == 80.0 and s["caller_cpu_pct"] == 5.0 and s["peak_rss_mb"] == 900.0
+    empty = summarize_level(6, [])
+    assert empty["turns"] == 0 and empty["voice_to_voice_p95_ms"] is None and empty["cpu_pct"] is None
+
+
+# -- capacity decision ------------------------------------------------------------------------------
+
+
+def test_capacity_is_the_highest_level_within_the_factor_of_the_single_call_p95() -> None:
+    levels = [_level(1, 2000), _level(2, 2400), _level(3, 2900), _level(4, 3000), _level(6, 3100)]
+    cap = capacity(levels, 1.5, target=4)
+    assert cap["baseline_level"] == 1 and cap["limit_ms"] == 3000.0
+    assert cap["max_level"] == 4 and cap["target_met"]
+    assert cap["per_level"] == {1: True, 2: True, 3: True, 4: True, 6: False}
+
+
+def test_capacity_stops_at_the_first_failing_level_and_counts_unanswered_turns() -> None:
+    # Level 3 answers fast but drops a turn: it fails, and level 4 above it does not count.
+    levels = [_level(4, 2100), _level(1, 2000), _level(2, 2500), _level(3, 2200, unanswered=1)]
+    cap = capacity(levels, 1.5, target=4)
+    assert cap["max_level"] == 2 and not cap["target_met"]
+    assert cap["per_level"] == {1: True, 2: True, 3: False, 4: True}
+
+
+def test_capacity_uses_the_lowest_measured_level_when_there_is_no_single_call_level() -> None:
+    cap = capacity([_level(2, 1000), _level(4, 1600), _level(3, None)], 1.5, target=4)
+    assert cap["baseline_level"] == 2 and cap["max_level"] == 2  # level 3 answered nothing: it fails
+    assert cap["per_level"] == {2: True, 3: False, 4: False}
+    nothing = capacity([_level(1, None)])
+    assert nothing["max_level"] is None and not nothing["target_met"]
+
+
+# -- soak -------------------------------------------------------------------------------------------
+
+
+def _samples(minutes: float, rss_per_hour: float, fds_per_hour: float = 0.0, every_s: float = 5.0) -> list:
+    rng = random.Random(3)
+    out = []
+    for i in range(int(minutes * 60 / every_s) + 1):
+        t = i * every_s
+        out.append(
+            {
+                "t_s": t,
+                "rss_mb": 1000.0 + rss_per_hour * t / 3600 + rng.uniform(-2, 2),
+                "fds": 40.0 + round(fds_per_hour * t / 3600),
+                "threads": 24.0,
+            }
+        )
+    return out
+
+
+def test_slope_per_hour_fits_a_line() -> None:
+    assert slope_per_hour([(0, 10.0), (1800, 20.0), (3600, 30.0)]) == 20.0
+    assert slope_per_hour([(0, 5.0), (60, 5.0)]) == 0.0
+    assert slope_per_hour([(0, 5.0)]) is None
+    assert slope_per_hour([(10, 5.0), (10, 7.0)]) is None
+
+
+def test_soak_verdict_flat_when_idle_deltas_and_slopes_are_small() -> None:
+    samples = _samples(30, rss_per_hour=0.0)
+    base = {"rss_mb": 1000.0, "fds": 40.0, "threads": 24.0}
+    final = {"rss_mb": 1004.0, "fds": 41.0, "threads": 24.0}
+    v = soak_verdict(samples, 360.0, base, final)
+    assert v["verdict"] == "flat", v["reasons"]
+    assert abs(v["rss_mb_per_hour"]) < 5 and v["fds_per_hour"] == 0.0
+    assert v["idle_rss_delta_mb"] == 4.0 and v["idle_fd_delta"] == 1.0 and v["idle_thread_delta"] == 0.0
+    assert v["samples_after_warmup"] == len([s for s in samples if s["t_s"] >= 360.0])
+    assert v["window_s"] == 1440.0
+
+
+def test_soak_verdict_growing_on_a_slope_or_an_idle_delta() -> None:
+    base = {"rss_mb": 1000.0, "fds": 40.0, "threads": 24.0}
+    leaking = soak_verdict(_samples(30, rss_per_hour=60.0), 360.0, base, dict(base))
+    assert leaking["verdict"] == "growing" and 50 < leaking["rss_mb_per_hour"] < 70
+    assert any("RSS slope" in r for r in leaking["reasons"])
+    fd_leak = soak_verdict(_samples(30, 0.0, fds_per_hour=100.0), 360.0, base, dict(base, fds=80.0))
+    assert fd_leak["verdict"] == "growing"
+    assert any("idle FDs grew +40" in r for r in fd_leak["reasons"])
+    assert any("FD slope" in r for r in fd_leak["reasons"])
+    # An idle delta counts even on a short run; slopes on a short run do not.
+    short = soak_verdict(_samples(2, rss_per_hour=3000.0), 30.0, base, dict(base, threads=30.0))
+    assert short["verdict"] == "growing"
+    assert [r for r in short["reasons"] if "slope" in r] == []
+    assert any("threads grew +6" in r for r in short["reasons"])
+
+
+def test_soak_verdict_inconclusive_on_a_short_window_or_without_baseline() -> None:
+    base = {"rss_mb": 1000.0, "fds": 40.0, "threads": 24.0}
+    v = soak_verdict(_samples(2, rss_per_hour=3000.0), 30.0, base, dict(base))
+    assert v["verdict"] == "inconclusive" and v["rss_mb_per_hour"] > 1000
+    assert "slopes not judged" in v["reasons"][0]
+    none = soak_verdict(_samples(2, 0.0), float("inf"), None, None)
+    assert none["verdict"] == "inconclusive" and none["idle_rss_delta_mb"] is None
+    assert none["samples_after_warmup"] == 0 and none["rss_mb_per_hour"] is None
+    strict = soak_verdict(_samples(12, 0.0), 60.0, base, dict(base), SoakLimits(min_span_s=60))
+    assert strict["verdict"] == "flat"
+
+
+# -- busy calls -------------------------------------------------------------------------------------
+
+
+def test_busy_problems_accepts_only_a_spoken_busy_message_and_a_hangup() -> None:
+    ok = CallResult("c1", "s1", 200, apology_xml(BUSY_MESSAGE), closed_by="no-stream")
+    assert busy_problems(ok, BUSY_MESSAGE) == []
+    streamed = CallResult("c2", "s2", 200, stream_xml("ws://127.0.0.1/x"), stream_url="ws://127.0.0.1/x")
+    problems = busy_problems(streamed, BUSY_MESSAGE)
+    assert any("busy message" in p for p in problems) and any("stream" in p for p in problems)
+    silent = CallResult("c3", "s3", 200, "<Response><Hangup/></Response>")
+    assert any("busy message" in p for p in busy_problems(silent, BUSY_MESSAGE))
+    other = CallResult("c4", "s4", 200, apology_xml())  # the unknown-agent apology is not the busy one
+    assert busy_problems(other, BUSY_MESSAGE)
+    failed = CallResult("c5", "s5", 500, "", violations=[Violation(0.0, "answer", "HTTP 500", "")])
+    assert len(busy_problems(failed, BUSY_MESSAGE)) >= 3
+
+
+# -- speech script and process probes --------------------------------------------------------------
+
+
+def test_turn_script_says_real_recordings_with_caller_pauses() -> None:
+    paths = [Path("/x/cards/001.wav"), Path("/x/cards/002.wav"), Path("/x/librivox/s-0870.wav")]
+    one = turn_script(random.Random(5), 40, paths=paths, pause_ms=(300, 900))
+    again = turn_script(random.Random(5), 40, paths=paths, pause_ms=(300, 900))
+    assert len(one) == 40 and all(isinstance(s, Say) for s in one)
+    said = [s for s in one if isinstance(s, Say)]
+    assert [s.audio for s in said] == [s.audio for s in again if isinstance(s, Say)]
+    assert all(300 <= s.pause_ms <= 900 and s.wait_for_agent and s.kind == "speech" for s in said)
+    assert {s.audio for s in said} == set(paths)  # cards mostly, a read sentence now and then
+    assert sum(1 for s in said if "librivox" in str(s.audio)) < 20
+    assert said[0].label.startswith(("cards/", "librivox/"))
+
+
+def test_proc_sample_and_cpu_meter_read_this_process() -> None:
+    s = proc_sample()
+    assert s["rss_mb"] > 10 and s["hwm_mb"] >= s["rss_mb"] and s["fds"] >= 3 and s["threads"] >= 1
+    meter = CpuMeter()
+    meter.start()
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        pass
+    used = meter.stop()
+    assert used["cpu_pct"] > 5 and used["thread_cpu_pct"] > 5 and used["wall_s"] >= 0.3
+
+
+def test_missing_models_names_the_install_command(tmp_path: Path) -> None:
+    (tmp_path / "manifest.toml").write_text((PROJECT_ROOT / "models" / "manifest.toml").read_text())
+    settings = load_settings(env={}, models_dir=tmp_path)
+    problems = missing_models(settings)
+    assert len(problems) == 5 and all("models install" in p for p in problems)
+    assert missing_models(load_settings(env={}, models_dir=tmp_path / "nowhere"))[0].startswith(
+        "models manifest not found"
+    )
+
+
+# -- the scripts ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", ["bench_load", "soak"])
+def test_help_explains_the_script(script: str) -> None:
+    r = subprocess.run([str(SCRIPTS / script), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "--max-seconds" in r.stdout
+    if script == "bench_load":
+        assert "--levels" in r.stdout and "--over-capacity" in r.stdout and "p95" in r.stdout
+    else:
+        assert "--minutes" in r.stdout and "RSS" in r.stdout and "file descriptors" in r.stdout
+
+
+def test_bench_load_rejects_bad_levels() -> None:
+    r = subprocess.run([str(SCRIPTS / "bench_load"), "--levels", "0,x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--levels" in r.stderr
+
+
+@pytest.mark.slow
+def test_bench_load_one_short_real_run(tmp_path: Path) -> None:
+    if not SPEECH_DIR.is_dir():
+        pytest.skip(f"{SPEECH_DIR} missing")
+    if missing_models(load_settings(env={})):
+        pytest.skip("default models not installed")
+    out = tmp_path / "load.json"
+    cmd = [
+        str(SCRIPTS / "bench_load"), "--levels", "1", "--turns", "1", "--level-seconds", "1",
+        "--over-capacity", "1", "--extra-calls", "1", "--max-seconds", "170", "--out", str(out),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=PROJECT_ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (level,) = data["levels"]
+    assert level["level"] == 1 and level["calls"] == 1 and level["turns"] == 1
+    assert level["answered"] == 1 and level["unanswered"] == 0 and level["violations"] == 0
+    assert 0 < level["voice_to_voice_p95_ms"] < 30_000
+    assert 0 < level["cpu_pct"] <= 100 and level["peak_rss_mb"] > 100
+    assert data["capacity"]["max_level"] == 1
+    busy = data["over_capacity"]
+    assert busy["ok"], busy["problems"]
+    assert busy["extras"][0]["answer_xml"].count(BUSY_MESSAGE) == 1
+    assert "capacity:" in r.stdout and "over capacity" in r.stdout
