@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from typing import Any
 
@@ -21,8 +22,17 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     host = args.host or settings.host
     port = args.port or settings.port
+    # The appliance's own loggers (calls, engines) at the configured level; uvicorn's keep theirs.
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     app = create_app(settings)
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level, ws_max_size=1 << 20)
+    uvicorn.run(
+        app, host=host, port=port, log_level=settings.log_level, ws_max_size=1 << 20,
+        # Plivo's media frames are small base64 JSON sent 50 times a second each way: compressing
+        # them costs CPU on the box for almost no bandwidth saved on a LAN or a call-centre link.
+        ws_per_message_deflate=False,
+    )  # fmt: skip
     return 0
 
 

@@ -45,7 +45,9 @@ class ModelsSettings(_Section):
 class ThreadSettings(_Section):
     asr: int = 2
     llm: int = 2
-    tts: int = 1
+    # Prompt evaluation (prefill); 0: same as ``llm``.
+    llm_batch: int = 0
+    tts: int = 2
     embed: int = 1
     vad: int = 1
 

@@ -114,6 +114,8 @@ class Voice:
         """Synthesize ``clause`` and queue it for playout as it is produced. While the reply is
         held (speculative), the audio is kept here and queued the moment it is committed."""
         resampler = StreamResampler(self.tts.sample_rate, self.out_rate, dtype=np.int16)
+        # The first clause is what the caller waits for in silence: it beats background work.
+        urgent = not reply.segments and not reply.clauses[:-1]
         seg: Segment | None = None
         held: list[bytes] = []
 
@@ -131,7 +133,8 @@ class Voice:
             await self.playout.push(seg, data)
 
         # aclosing: a cancelled reply must stop the synthesizer's generator now, not at GC time.
-        async with contextlib.aclosing(self.tts.synthesize(clause, speed=self.speed)) as chunks:  # type: ignore[type-var]
+        synthesis = self.tts.synthesize(clause, speed=self.speed, urgent=urgent)
+        async with contextlib.aclosing(synthesis) as chunks:  # type: ignore[type-var]
             async for pcm in chunks:
                 out = resampler.process(np.asarray(pcm, dtype=np.int16))
                 if out.size:

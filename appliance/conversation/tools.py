@@ -84,6 +84,28 @@ def output_schema(functions: Sequence[FunctionSpec], say_chars: int) -> dict[str
     return {"oneOf": [function_schema(f) for f in functions] + [say_schema(say_chars)]}
 
 
+# The fast path for engines that take raw grammars (see ``Conversation._generate``): the model's
+# first key decides between speech and a call; speech then continues after this opening.
+SAY_OPENING = '{"say": "'
+FIRST_KEY_GRAMMAR = 'root ::= "say" | "name"'
+
+
+def say_body_grammar(max_chars: int) -> str:
+    """GBNF for what follows ``SAY_OPENING``: the rest of the JSON string, then ``"}``. String
+    characters exclude control characters, as ``LlamaLlm`` does for schema grammars."""
+    return (
+        f'root ::= char{{0,{max_chars}}} "\\"}}"\n'
+        r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})' + "\n"
+    )
+
+
+def function_choice_schema(functions: Sequence[FunctionSpec]) -> dict[str, Any]:
+    """One of ``functions`` must be called (no speech)."""
+    if len(functions) == 1:
+        return function_schema(functions[0])
+    return {"oneOf": [function_schema(f) for f in functions]}
+
+
 def max_output_chars(schema: dict[str, Any]) -> int:
     """A generous upper bound on the characters the grammar can produce, for ``max_tokens``."""
     if "oneOf" in schema:

@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..model_manifest import ModelError
+from .priority import CPU
 from .types import Int16Array
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class PiperTts:
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Idle pool threads sleep instead of spinning: a spinning TTS thread steals the cores the
+        # LLM needs between two sentences.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(
                 str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
@@ -92,13 +96,16 @@ class PiperTts:
         parts = list(self._chunks(text, _check_speed(speed))) if text.strip() else []
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
 
-    async def synthesize(self, text: str, *, speed: float = 1.0) -> AsyncGenerator[Int16Array, None]:
-        """Yield mono int16 PCM at ``sample_rate``, one chunk per sentence, as each is produced."""
+    async def synthesize(
+        self, text: str, *, speed: float = 1.0, urgent: bool = False
+    ) -> AsyncGenerator[Int16Array, None]:
+        """Yield mono int16 PCM at ``sample_rate``, one chunk per sentence, as each is produced.
+        ``urgent``: the LLM pauses between tokens while this is synthesized (``engines.priority``)."""
         speed = _check_speed(speed)
         if not text.strip():
             return
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=QUEUE_CHUNKS)
-        producer = asyncio.create_task(self._produce(self._chunks(text, speed), queue))
+        producer = asyncio.create_task(self._produce(self._chunks(text, speed), queue, urgent))
         self._active += 1  # only touched on the event loop
         try:
             while True:
@@ -117,14 +124,14 @@ class PiperTts:
             await asyncio.wait([producer])
 
     async def _produce(
-        self, sentences: Generator[Int16Array, None, None], queue: asyncio.Queue[object]
+        self, sentences: Generator[Int16Array, None, None], queue: asyncio.Queue[object], urgent: bool
     ) -> None:
         """Step the blocking Piper generator one sentence per worker job, so a thread is held only
         while synthesizing, never while the consumer is slow (the wait happens here, on the queue)."""
         job: Future[Int16Array | None] | None = None
         try:
             while True:
-                job = self._executor.submit(next, sentences, None)
+                job = self._executor.submit(_next_urgent if urgent else next, sentences, None)
                 pcm = await asyncio.wrap_future(job)
                 if pcm is None:
                     break
@@ -143,6 +150,11 @@ class PiperTts:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _next_urgent(sentences: Generator[Int16Array, None, None], default: None) -> Int16Array | None:
+    with CPU.urgent():
+        return next(sentences, default)
 
 
 def _check_speed(speed: float) -> float:

@@ -61,10 +61,12 @@ class LlmEngine(Protocol):
         temperature: float = 0.0,
         json_schema: dict[str, Any] | None = None,
         stop: Sequence[str] = (),
+        grammar: str | None = None,
     ) -> AsyncIterator[str]:
         """Stream text pieces of the completion of a raw (already templated) prompt. With
-        ``json_schema`` the output is constrained by a grammar built from it. Closing the iterator
-        (``aclose`` or cancelling the consumer) stops generation at the next token."""
+        ``json_schema`` the output is constrained by a grammar built from it; with ``grammar`` by
+        that GBNF text (engines that cannot take one raise ``NotImplementedError``). Closing the
+        iterator (``aclose`` or cancelling the consumer) stops generation at the next token."""
         ...
 
     def format_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
@@ -77,8 +79,10 @@ class TtsEngine(Protocol):
     voice_id: str
     sample_rate: int
 
-    def synthesize(self, text: str, *, speed: float = 1.0) -> AsyncIterator[Int16Array]:
-        """Yield mono int16 PCM chunks at ``sample_rate`` as they are produced (sentence by sentence)."""
+    def synthesize(self, text: str, *, speed: float = 1.0, urgent: bool = False) -> AsyncIterator[Int16Array]:
+        """Yield mono int16 PCM chunks at ``sample_rate`` as they are produced (sentence by sentence).
+        ``urgent``: someone is waiting in silence for this (a reply's first clause); background work
+        such as the rest of a generation yields the CPU to it (``engines.priority``)."""
         ...
 
 

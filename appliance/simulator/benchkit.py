@@ -164,7 +164,11 @@ def start_server(data_dir: Path, **overrides: Any) -> BenchServer:
         sock.close()
         raise SystemExit("models missing:\n  " + "\n  ".join(problems))
     app = create_app(settings, load_engines=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=1 << 20))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, log_level="warning", lifespan="on", ws_max_size=1 << 20, ws_per_message_deflate=False
+        )
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

@@ -98,10 +98,14 @@ class ScriptedTts:
 
     def __init__(self) -> None:
         self.spoken: list[str] = []
+        self.urgent: list[bool] = []
         self.closed = 0
 
-    async def synthesize(self, text: str, *, speed: float = 1.0) -> AsyncIterator[Int16Array]:
+    async def synthesize(
+        self, text: str, *, speed: float = 1.0, urgent: bool = False
+    ) -> AsyncIterator[Int16Array]:
         self.spoken.append(text)
+        self.urgent.append(urgent)
         try:
             for _ in text.split():
                 await asyncio.sleep(0)

@@ -425,3 +425,14 @@ async def test_without_speculation_the_turn_waits_for_the_full_silence() -> None
     assert h.session.speculations == 0
     assert 0.55 <= h.sink.plays()[0].at - voiced_end <= 0.75
     await h.stop()
+
+
+async def test_only_the_first_clause_of_a_reply_is_synthesized_urgently() -> None:
+    brain = ScriptedBrain(script=lambda text: ["First part, here it is.", "Then a second sentence."])
+    h = make_harness(brain=brain, asr_script=lambda s: "tell me")
+    await h.start()
+    await h.feed(tone(700))
+    await h.silence(3000)
+    assert len(h.tts.spoken) >= 2
+    assert h.tts.urgent[0] is True and not any(h.tts.urgent[1:])
+    await h.stop()

@@ -25,6 +25,7 @@ from appliance.conversation import (
     TurnEvent,
 )
 from appliance.conversation.engine import APOLOGY, NOT_UNDERSTOOD
+from appliance.conversation.tools import FIRST_KEY_GRAMMAR, SAY_OPENING, say_body_grammar, say_max_chars
 
 from .conftest import HandlerServer, ScriptedLlm, closed_port_url, seed_agent
 
@@ -353,3 +354,66 @@ async def test_a_refusal_without_evidence_is_spoken(
     assert handler.requests == []
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == refusal
     assert events[-1] == TurnDone(refusal)
+
+
+class GrammarLlm(ScriptedLlm):
+    """A scripted LLM that takes raw grammars, as ``LlamaLlm`` does: the conversation then asks for
+    the answer's first key alone, and speech continues after an opening fed with the prompt."""
+
+    supports_grammar = True
+
+    def __init__(self, outputs: Sequence[str], **kwargs: Any):
+        super().__init__(outputs, **kwargs)
+        self.grammars: list[str | None] = []
+
+    async def stream(  # type: ignore[override]
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        json_schema: dict[str, Any] | None = None,
+        stop: Sequence[str] = (),
+        grammar: str | None = None,
+    ) -> AsyncIterator[str]:
+        assert json_schema is None or grammar is None
+        self.grammars.append(grammar)
+        async for piece in super().stream(
+            prompt, max_tokens=max_tokens, temperature=temperature, json_schema=json_schema
+        ):
+            yield piece
+
+
+async def test_fast_path_feeds_the_say_opening_after_the_first_key(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+
+    answer = "Hello! How can I help?"
+    llm = GrammarLlm(["say", json.dumps(answer)[1:] + "}"], piece_size=2)
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    events = await _run(conversation, "hi")
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == answer
+    assert events[-1] == TurnDone(answer)
+    key_prompt, say_prompt = llm.prompts
+    assert key_prompt.endswith('<assistant>{"') and llm.grammars[0] == FIRST_KEY_GRAMMAR
+    assert say_prompt == key_prompt[:-2] + SAY_OPENING
+    assert llm.grammars[1] == say_body_grammar(say_max_chars(conversation.agent.max_tokens))
+    assert conversation.last_trace.generations[0].first_key == "say"
+    # The history holds the whole answer object, as the model would have written it.
+    assert conversation.history[-1].text == answer
+
+
+async def test_fast_path_a_call_continues_under_the_functions_grammar(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = GrammarLlm(
+        ["name", _call("get_order_status", order_id="12345"), "say", '12345 has shipped."}'], piece_size=4
+    )
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    events = await _run(conversation, "Where is order 12345?")
+    assert [e.name for e in events if isinstance(e, FunctionCallStarted)] == ["get_order_status"]
+    # The call's generation had no speech in its grammar: the key was already decided.
+    call_schema = llm.schemas[1]
+    assert call_schema is not None and "say" not in json.dumps(call_schema)
+    assert llm.grammars[1] is None
+    assert events[-1] == TurnDone("12345 has shipped.")

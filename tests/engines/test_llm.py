@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 import pytest
 
 from appliance.config import load_settings
@@ -432,3 +433,44 @@ async def test_interleaved_conversations_keep_their_prefixes(smol: LlamaLlm) -> 
     stats = smol.last_stats
     assert stats.restored_tokens > 300
     assert stats.prompt_tokens - stats.cached_tokens < 40  # only the new turn was evaluated
+
+
+def _bare_sampler(temp: float, top_p: float = 0.95, min_p: float = 0.05) -> Any:
+    from appliance.engines.llm import _GrammarFirstSampler
+
+    sampler = _GrammarFirstSampler.__new__(_GrammarFirstSampler)  # the drawing maths alone
+    sampler.temp, sampler.top_p, sampler.min_p = temp, top_p, min_p
+    sampler._rng = np.random.default_rng(0)
+    return sampler
+
+
+def test_sampling_keeps_llamas_truncation_order() -> None:
+    ids = np.array([7, 3, 9, 1], dtype=np.int32)
+    # Probabilities about 0.6, 0.3, 0.09, 0.01 before the temperature.
+    logits = np.log(np.array([0.6, 0.3, 0.09, 0.01]))
+    cold = _bare_sampler(temp=0.001)
+    assert {cold._draw(ids, logits) for _ in range(50)} == {7}
+    # top-p 0.5: the first token alone covers it, whatever the temperature.
+    warm = _bare_sampler(temp=5.0, top_p=0.5)
+    assert {warm._draw(ids, logits) for _ in range(50)} == {7}
+    # min-p 0.2 keeps tokens with p >= 0.12: the first two; a hot temperature then draws both.
+    hot = _bare_sampler(temp=5.0, top_p=1.0, min_p=0.2)
+    assert {hot._draw(ids, logits) for _ in range(200)} == {7, 3}
+    # No truncation at all: every token can come out.
+    free = _bare_sampler(temp=5.0, top_p=1.0, min_p=0.0)
+    assert {free._draw(ids, logits) for _ in range(400)} == {7, 3, 9, 1}
+
+
+async def test_grammar_first_sampling_does_sample(smol: LlamaLlm) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"say": {"type": "string", "maxLength": 30}},
+        "required": ["say"],
+    }
+    prompt = smol.format_chat([{"role": "user", "content": "Tell me a random word."}])
+    outputs = {
+        await _collect(smol, prompt, max_tokens=120, json_schema=schema, temperature=1.5) for _ in range(6)
+    }
+    assert len(outputs) > 1  # not stuck on the argmax
+    for text in outputs:
+        jsonschema.validate(json.loads(text), schema)

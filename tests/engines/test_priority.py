@@ -1,0 +1,49 @@
+"""Urgent work makes background work wait between steps, but never for long."""
+
+import threading
+import time
+
+from appliance.engines.priority import CpuPriority
+
+
+def test_background_work_waits_while_urgent_work_runs() -> None:
+    cpu = CpuPriority()
+    released = threading.Event()
+    waited: list[float] = []
+
+    def urgent_job() -> None:
+        with cpu.urgent():
+            released.wait(5)
+
+    def background_step() -> None:
+        started = time.monotonic()
+        cpu.yield_to_urgent(max_wait_s=5.0)
+        waited.append(time.monotonic() - started)
+
+    worker = threading.Thread(target=urgent_job)
+    worker.start()
+    while cpu.urgent_now == 0:
+        time.sleep(0.001)
+    background = threading.Thread(target=background_step)
+    background.start()
+    time.sleep(0.2)
+    assert not waited  # still waiting for the urgent job
+    released.set()
+    background.join(5)
+    worker.join(5)
+    assert waited and 0.15 <= waited[0] < 2.0
+    assert cpu.yielded == 1 and cpu.urgent_now == 0
+
+
+def test_the_wait_is_bounded() -> None:
+    cpu = CpuPriority()
+    with cpu.urgent():
+        started = time.monotonic()
+        cpu.yield_to_urgent(max_wait_s=0.05)
+        assert time.monotonic() - started < 1.0
+
+
+def test_no_urgent_work_no_wait() -> None:
+    cpu = CpuPriority()
+    cpu.yield_to_urgent(max_wait_s=5.0)
+    assert cpu.yielded == 0
