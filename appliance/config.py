@@ -64,7 +64,7 @@ class LlmSettings(_Section):
 
 class AsrSettings(_Section):
     # Encoder window for short turns, seconds; 0 decodes every turn in Whisper's full 30 s window.
-    window_s: float = 10.0
+    window_s: float = 8.0
 
 
 class LimitSettings(_Section):
@@ -80,10 +80,10 @@ class CallSettings(_Section):
     end_of_turn_silence_ms: int = 600
     min_utterance_ms: int = 200
     barge_in_min_speech_ms: int = 300
-    playout_lead_ms: int = 160
+    playout_lead_ms: int = 100
     stream_token_ttl_s: int = 300
     # Transcribe after this much silence, before the end of the turn is certain.
-    pause_ms: int = 250
+    pause_ms: int = 200
     # End-of-turn silence adapted to the words so far (shorter after a sentence, longer after "and").
     smart_end_of_turn: bool = True
     # Start the reply at that pause, held back until the end of the turn is certain.

@@ -16,7 +16,7 @@ _ABBREVIATION = re.compile(r"(?:\b(?:mr|mrs|ms|dr|st|vs|etc|e\.g|i\.e)\.|\b[a-z]
 
 
 class ClauseChunker:
-    def __init__(self, *, min_clause_chars: int = 24, max_chars: int = 180, first_min_chars: int = 12):
+    def __init__(self, *, min_clause_chars: int = 24, max_chars: int = 180, first_min_chars: int = 4):
         self.min_clause_chars = min_clause_chars
         self.first_min_chars = first_min_chars
         self.max_chars = max_chars

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 # A window this likely to be speech pauses the agent at once; speech must follow within HOLD_S.
 HOLD_PROB = 0.3
 HOLD_S = 0.15
+FIXED_FIRST_MIN_CHARS = 12
 INBOUND_MAX_FRAMES = 250  # 5 s of 20 ms frames: beyond that the session is hopelessly behind
 # Words a caller says while listening; they never interrupt the agent.
 BACKCHANNELS = frozenset(
@@ -108,13 +109,13 @@ class SessionConfig:
     barge_in_min_speech_ms: int = 300
     # Speech this long while the agent talks interrupts it whatever the words.
     barge_in_confirm_ms: int = 1200
-    playout_lead_ms: int = 160
+    playout_lead_ms: int = 100
     tts_speed: float = 1.0
     language: str | None = "en"
     # Below this RMS (int16 units, ~-47 dBFS) a frame is never speech: echo residue and line hiss.
     min_speech_rms: float = 150.0
     # Start transcribing after this much silence, before the end of the turn is certain.
-    pause_ms: int = 250
+    pause_ms: int = 200
     # Adapt the end-of-turn silence to the words so far (see appliance/call/endpoint.py).
     smart_end_of_turn: bool = True
     # Start the reply at the pause, held back until the end of the turn is certain.
@@ -639,7 +640,8 @@ class CallSession:
         try:
             if reply.fixed_text is not None:
                 # Clause by clause: audio starts sooner, and checkpoints say how far the caller got.
-                chunker = ClauseChunker()
+                # Known text: no generation to wait for, so keep short openings ("Hello,") joined.
+                chunker = ClauseChunker(first_min_chars=FIXED_FIRST_MIN_CHARS)
                 clauses = chunker.push(reply.fixed_text)
                 rest = chunker.flush()
                 for clause in [*clauses, *([rest] if rest else [])]:
@@ -792,6 +794,9 @@ class CallSession:
             "interrupted" if interrupted else "done", reply.text[:200],
         )  # fmt: skip
         heard = reply.heard if interrupted else reply.text
+        if not self._closing and not self._ended.is_set():
+            # The brain's history just changed: evaluate its new prefix while the caller speaks.
+            self._spawn(self._prewarm_brain(), "call-prewarm")
         if reply.clauses:
             if reply.fixed_text is not None:
                 if heard:

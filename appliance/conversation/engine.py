@@ -56,6 +56,8 @@ from .types import (
 log = logging.getLogger(__name__)
 
 APOLOGY = "I'm sorry, I couldn't do that right now. Is there anything else I can help you with?"
+# Stands for the next user message when the prompt prefix is prewarmed; cut off before evaluation.
+_NEXT_USER = "\u2063next\u2063"
 NOT_UNDERSTOOD = "Sorry, I didn't quite get that. Could you say it again?"
 GOODBYE = "Thank you for calling. Goodbye!"
 TRANSFERRING = "Please hold while I transfer your call."
@@ -142,11 +144,16 @@ class Conversation:
         return self._prompt_clock
 
     async def prewarm(self) -> None:
-        """Evaluate the prompt prefix (system message and history so far) ahead of the first turn,
-        e.g. while the welcome message plays, so the turn only pays for the caller's new words."""
+        """Evaluate the prompt prefix ahead of the next turn (while the welcome or a reply plays):
+        system message, history so far and the opening of the next user message, so the turn only
+        pays for the caller's new words."""
         system = system_message(self.agent, self.context, self.functions, self._now())
-        prompt = build_prompt(self.llm, system, self.history, examples=self.examples, reserve_tokens=1)
-        stream = self.llm.stream(prompt.text, max_tokens=1, temperature=0.0)
+        probe = [*self.history, HistoryItem("user", text=_NEXT_USER)]
+        prompt = build_prompt(self.llm, system, probe, examples=self.examples, reserve_tokens=1)
+        cut = prompt.text.rfind(_NEXT_USER)
+        if cut <= 0:  # the template changed the text: nothing safe to cut at
+            return
+        stream = self.llm.stream(prompt.text[:cut], max_tokens=1, temperature=0.0)
         async with contextlib.aclosing(stream) as pieces:  # type: ignore[type-var]
             async for _ in pieces:
                 break
@@ -400,12 +407,13 @@ class Conversation:
 
     async def _first_key(self, prompt_text: str) -> str:
         """``say`` or ``name``: the key the model writes first in its answer object, greedily."""
-        stream = self.llm.stream(prompt_text + '{"', max_tokens=3, temperature=0.0, grammar=FIRST_KEY_GRAMMAR)
+        # One token decides: the grammar allows only "say" or "name" (or a prefix of them).
+        stream = self.llm.stream(prompt_text + '{"', max_tokens=1, temperature=0.0, grammar=FIRST_KEY_GRAMMAR)
         chosen = ""
         async with contextlib.aclosing(stream) as pieces:  # type: ignore[type-var]
             async for piece in pieces:
                 chosen += piece
-        return "name" if chosen.strip().startswith("name") else "say"
+        return "name" if chosen.strip().startswith("n") else "say"
 
     def _say(self, text: str) -> Iterator[TurnEvent]:
         self.history.append(HistoryItem("say", text=text))
