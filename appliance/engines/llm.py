@@ -463,12 +463,13 @@ class _GrammarFirstSampler:
 
     llama.cpp's grammar sampler tests every vocabulary entry against the grammar at every step; with
     Qwen's 152k-token vocabulary that single-threaded work costs more than the forward pass itself
-    (measured: a call's reply at 11 tokens/s instead of 22). Greedy (``temperature == 0``): take the
-    argmax and ask the grammar about that one token, then about the ``top_k`` best. Sampled: ask it
-    about the ``top_k`` best tokens only, then apply top-p, min-p and the temperature among those
-    it allows, as llama.cpp's chain does. Only when none of them is allowed is the whole vocabulary masked. Greedy results are
-    exact; sampled ones differ from llama.cpp's order (grammar first, then top-k) only when fewer
-    than ``top_k`` of the best tokens are allowed, in the tail that top-p and min-p cut anyway.
+    (measured: a call's reply at 11 tokens/s instead of 22). Greedy (``temperature == 0``): take
+    the argmax and ask the grammar about that one token, then about the ``top_k`` best. Sampled:
+    ask it about the ``top_k`` best tokens only, then apply top-p, min-p and the temperature among
+    those it allows, as llama.cpp's chain does. Only when none of them is allowed is the whole
+    vocabulary masked. Greedy results are exact; sampled ones differ from llama.cpp's order
+    (grammar first, then top-k) only when fewer than ``top_k`` of the best tokens are allowed, in
+    the tail that top-p and min-p cut anyway.
     """
 
     def __init__(
