@@ -60,6 +60,8 @@ class GpuSettings(_Section):
 
 class LlmSettings(_Section):
     context_size: int = 4096
+    # Contexts over one copy of the weights: calls' generations run side by side instead of queueing.
+    replicas: int = 2
 
 
 class AsrSettings(_Section):

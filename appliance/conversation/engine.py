@@ -146,14 +146,17 @@ class Conversation:
     async def prewarm(self) -> None:
         """Evaluate the prompt prefix ahead of the next turn (while the welcome or a reply plays):
         system message, history so far and the opening of the next user message, so the turn only
-        pays for the caller's new words."""
+        pays for the caller's new words. Skipped while the engine has other work: a prewarm only
+        pays off on an idle engine, and on a shared one it would delay another call's turn."""
+        if getattr(self.llm, "queue_depth", 0):
+            return
         system = system_message(self.agent, self.context, self.functions, self._now())
         probe = [*self.history, HistoryItem("user", text=_NEXT_USER)]
         prompt = build_prompt(self.llm, system, probe, examples=self.examples, reserve_tokens=1)
         cut = prompt.text.rfind(_NEXT_USER)
         if cut <= 0:  # the template changed the text: nothing safe to cut at
             return
-        stream = self.llm.stream(prompt.text[:cut], max_tokens=1, temperature=0.0)
+        stream = self.llm.stream(prompt.text[:cut], max_tokens=1, temperature=0.0, **self._cache_options())
         async with contextlib.aclosing(stream) as pieces:  # type: ignore[type-var]
             async for _ in pieces:
                 break
@@ -383,6 +386,7 @@ class Conversation:
                 max_tokens=max_tokens,
                 temperature=self.agent.temperature,
                 **({"grammar": grammar} if grammar is not None else {"json_schema": schema}),
+                **self._cache_options(),
             )
             async with contextlib.aclosing(stream) as pieces:  # type: ignore[type-var]
                 async for piece in pieces:
@@ -405,10 +409,19 @@ class Conversation:
                 # call layer narrows it to what was heard with ``record_heard``.
                 self.history.append(HistoryItem("say", text=parser.said, interrupted=True))
 
+    def _cache_options(self, *, save: bool = True) -> dict[str, Any]:
+        """Prompt-cache hints for engines that keep one saved state per conversation."""
+        if not getattr(self.llm, "supports_grammar", False):
+            return {}
+        return {"cache_key": self.context.session_id, "save_state": save}
+
     async def _first_key(self, prompt_text: str) -> str:
         """``say`` or ``name``: the key the model writes first in its answer object, greedily."""
         # One token decides: the grammar allows only "say" or "name" (or a prefix of them).
-        stream = self.llm.stream(prompt_text + '{"', max_tokens=1, temperature=0.0, grammar=FIRST_KEY_GRAMMAR)
+        stream = self.llm.stream(
+            prompt_text + '{"', max_tokens=1, temperature=0.0, grammar=FIRST_KEY_GRAMMAR,
+            **self._cache_options(save=False),  # the next step's state supersedes this one at once
+        )  # fmt: skip
         chosen = ""
         async with contextlib.aclosing(stream) as pieces:  # type: ignore[type-var]
             async for piece in pieces:

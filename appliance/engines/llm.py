@@ -159,32 +159,50 @@ class LlamaLlm:
         threads: int,
         batch_threads: int | None = None,
         gpu_layers: int = 0,
-        state_cache_bytes: int = 128 << 20,
+        state_cache_bytes: int = 256 << 20,
+        replicas: int = 1,
     ):
         self.model_id = model_id
         self.model_path = Path(model_path)
         self.context_size = context_size
         self.last_stats = GenerationStats()
         check_gguf(self.model_path, model_id)
+        self.threads = threads
+        self.batch_threads = batch_threads or threads
+        # Several contexts over one memory-mapped copy of the weights: one call's long reply no
+        # longer holds up another call's first words. Each runs with all threads while alone and
+        # shares them when others generate too (see ``_fit_threads``).
+        self._replicas: list[_Llama] = []
         try:
-            self._llama = _Llama(
-                model_path=str(self.model_path), n_ctx=context_size, n_threads=threads,
-                n_threads_batch=batch_threads or threads, n_gpu_layers=gpu_layers, verbose=False,
-            )  # fmt: skip
+            for _ in range(max(1, replicas)):
+                self._replicas.append(
+                    _Llama(
+                        model_path=str(self.model_path), n_ctx=context_size, n_threads=threads,
+                        n_threads_batch=self.batch_threads, n_gpu_layers=gpu_layers, verbose=False,
+                    )
+                )  # fmt: skip
         except ValueError as exc:  # llama-cpp-python reports any load failure as ValueError
+            for replica in self._replicas:
+                replica.close()
             raise ModelCorrupt(f"{self.model_path}: llama.cpp could not load it ({exc})") from exc
+        self._llama = self._replicas[0]  # vocabulary, template and metadata
         self.context_size = int(self._llama.n_ctx())  # what llama.cpp actually allocated
         self._add_bos = bool(self._llama._model.add_bos_token())
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llm-{model_id}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=len(self._replicas), thread_name_prefix=f"llm-{model_id}"
+        )
+        self._free: list[_Llama] = list(self._replicas)
+        self._pool_lock = threading.Lock()
         self._jobs: set[_Job] = set()
         self._states = _PrefixStates(state_cache_bytes)
-        self._running = threading.Event()
+        self._running_count = 0
         self._grammars: dict[str, Any] = {}
         self._grammar_lock = threading.Lock()
         self._template = self._compile_template()
         self._closed = False
         # The first evaluation allocates compute buffers and pages the weights in.
-        self._llama.create_completion(self._tokenize("Hello"), max_tokens=2, temperature=0.0)
+        for replica in self._replicas:
+            replica.create_completion(self._tokenize("Hello"), max_tokens=2, temperature=0.0)
 
     # -- prompts -----------------------------------------------------------------------------
     def _compile_template(self) -> Any:
@@ -248,19 +266,55 @@ class LlamaLlm:
 
     @property
     def busy(self) -> bool:
-        """True while the worker thread is inside a generation."""
-        return self._running.is_set()
+        """True while a worker thread is inside a generation."""
+        return self._running_count > 0
+
+    @property
+    def replicas(self) -> int:
+        return len(self._replicas)
+
+    def _acquire(self, tokens: list[int]) -> _Llama:
+        """A free context, preferring the one whose KV cache already holds most of ``tokens``.
+        There is always one: the executor runs at most one job per context."""
+        with self._pool_lock:
+            best = max(
+                range(len(self._free)),
+                key=lambda i: _common_prefix_np(
+                    np.asarray(self._free[i].input_ids[: self._free[i].n_tokens]),
+                    np.array(tokens, dtype=np.intc),
+                ),
+            )
+            llama = self._free.pop(best)
+            self._running_count += 1
+            return llama
+
+    def _release(self, llama: _Llama) -> None:
+        with self._pool_lock:
+            self._running_count -= 1
+            self._free.append(llama)
+
+    def _fit_threads(self, llama: _Llama) -> None:
+        """All threads while alone; a fair share while other contexts generate too (more threads
+        than cores make llama.cpp's per-layer barriers wait on descheduled threads)."""
+        if len(self._replicas) == 1:
+            return
+        share = max(1, self.threads // max(1, self._running_count))
+        batch = max(1, self.batch_threads // max(1, self._running_count))
+        if (share, batch) != getattr(llama, "_fitted_threads", None):
+            llama_cpp.llama_set_n_threads(llama._ctx.ctx, share, batch)
+            llama._fitted_threads = (share, batch)  # type: ignore[attr-defined]
 
     def _generate(
         self, job: _Job, prompt: str, max_tokens: int, temperature: float,
         json_schema: dict[str, Any] | None, stop: list[str], gbnf: str | None = None,
+        cache_key: str | None = None, save_state: bool = True,
     ) -> None:  # fmt: skip
         """Worker thread: run one completion, posting text pieces to ``job``; always posts _END."""
         stats = job.stats
         started = time.monotonic()
         stats.queued_s = started - job.submitted
         job.started.set()
-        self._running.set()
+        llama: _Llama | None = None
         try:
             if job.stop.is_set():
                 stats.finish = "cancelled"
@@ -275,7 +329,8 @@ class LlamaLlm:
                     f"prompt of {len(tokens)} tokens does not fit {self.model_id}'s context of "
                     f"{self.context_size}"
                 )
-            llama = self._llama
+            llama = self._acquire(tokens)
+            self._fit_threads(llama)
             stats.restored_tokens = self._states.restore(llama, tokens)
             stats.cached_tokens = _common_prefix(llama._input_ids.tolist(), tokens)
             stats.finish = "length"
@@ -284,6 +339,7 @@ class LlamaLlm:
                 # Runs after every sampled token, including ones held back while a stop string may
                 # be forming, so cancellation never waits for the next visible piece.
                 stats.completion_tokens += 1
+                self._fit_threads(llama)
                 if not job.stop.is_set():
                     # Urgent work (a first clause being synthesized) runs alone; the rest of this
                     # generation only has to stay ahead of the audio already playing.
@@ -306,7 +362,8 @@ class LlamaLlm:
                     stats.finish = choice["finish_reason"]
             if job.stop.is_set():
                 stats.finish = "cancelled"
-            self._states.save(llama)
+            if save_state:
+                self._states.save(llama, cache_key)
         except Exception:
             stats.finish = "error"
             raise
@@ -320,7 +377,8 @@ class LlamaLlm:
                 stats.completion_tokens, stats.queued_s * 1000, (stats.first_token_s or 0) * 1000,
                 stats.tokens_per_s, stats.finish,
             )  # fmt: skip
-            self._running.clear()
+            if llama is not None:
+                self._release(llama)
             job.post(_END)
 
     async def stream(
@@ -332,8 +390,13 @@ class LlamaLlm:
         json_schema: dict[str, Any] | None = None,
         stop: Sequence[str] = (),
         grammar: str | None = None,
+        cache_key: str | None = None,
+        save_state: bool = True,
     ) -> AsyncGenerator[str, None]:
-        """See ``LlmEngine.stream``. ``grammar``: raw GBNF instead of ``json_schema``."""
+        """See ``LlmEngine.stream``. ``grammar``: raw GBNF instead of ``json_schema``.
+        ``cache_key`` names the conversation: its saved KV state replaces the previous one under the
+        same key, so interleaved calls keep one state each. ``save_state=False``: a step whose
+        state the next one supersedes at once (not worth a copy, nor the room it would take)."""
         if json_schema is not None and grammar is not None:
             raise ValueError("give json_schema or grammar, not both")
         if self._closed:
@@ -343,7 +406,7 @@ class LlamaLlm:
         self._jobs.add(job)
         future = loop.run_in_executor(
             self._executor, self._generate, job, prompt, max_tokens, temperature, json_schema, list(stop),
-            grammar,
+            grammar, cache_key, save_state,
         )  # fmt: skip
         try:
             while True:
@@ -372,7 +435,8 @@ class LlamaLlm:
             job.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._states = _PrefixStates(0)
-        self._llama.close()
+        for replica in self._replicas:
+            replica.close()
 
 
 class _PrefixStates:
@@ -391,12 +455,18 @@ class _PrefixStates:
     def __init__(self, capacity_bytes: int):
         self.capacity_bytes = capacity_bytes
         self._states: OrderedDict[bytes, tuple[npt.NDArray[np.intc], bytes]] = OrderedDict()
+        self._by_key: dict[str, bytes] = {}  # conversation -> its state's key in ``_states``
         self._size = 0
+        self._lock = threading.RLock()  # several contexts save and restore from their own threads
 
     def __len__(self) -> int:
         return len(self._states)
 
-    def save(self, llama: llama_cpp.Llama) -> None:
+    def save(self, llama: llama_cpp.Llama, conversation: str | None = None) -> None:
+        with self._lock:
+            self._save(llama, conversation)
+
+    def _save(self, llama: llama_cpp.Llama, conversation: str | None) -> None:
         n = llama.n_tokens
         if n < self.MIN_TOKENS or self.capacity_bytes <= 0:
             return
@@ -404,6 +474,11 @@ class _PrefixStates:
         key = tokens.tobytes()
         if key in self._states:
             self._states.move_to_end(key)
+            previous = self._by_key.get(conversation) if conversation else None
+            if previous is not None and previous != key and previous in self._states:
+                self._drop(previous)
+            if conversation:
+                self._by_key[conversation] = key
             return
         ctx = llama._ctx.ctx
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
@@ -411,9 +486,14 @@ class _PrefixStates:
         written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
         if not 0 < written <= size:
             return
-        # An earlier state of the same conversation is a prefix of this one: superseded.
-        for old in [k for k, (t, _) in self._states.items() if _common_prefix_np(t, tokens) == len(t)]:
+        # An earlier state of the same conversation (named, or a prefix of this one) is superseded.
+        previous = self._by_key.get(conversation) if conversation else None
+        for old in [
+            k for k, (t, _) in self._states.items() if k == previous or _common_prefix_np(t, tokens) == len(t)
+        ]:
             self._drop(old)
+        if conversation:
+            self._by_key[conversation] = key
         self._states[key] = (tokens, ctypes.string_at(buf, written))
         self._size += written
         while self._size > self.capacity_bytes and self._states:
@@ -422,6 +502,10 @@ class _PrefixStates:
     def restore(self, llama: llama_cpp.Llama, prompt: list[int]) -> int:
         """Load the snapshot sharing the longest prefix with ``prompt`` if it beats the KV cache
         already in place; returns the length of that shared prefix (0 if nothing was loaded)."""
+        with self._lock:
+            return self._restore(llama, prompt)
+
+    def _restore(self, llama: llama_cpp.Llama, prompt: list[int]) -> int:
         target = np.array(prompt, dtype=np.intc)
         current = _common_prefix_np(np.asarray(llama.input_ids[: llama.n_tokens]), target)
         best_key, best = None, current
@@ -447,6 +531,8 @@ class _PrefixStates:
     def _drop(self, key: bytes) -> None:
         _, data = self._states.pop(key)
         self._size -= len(data)
+        for name in [n for n, k in self._by_key.items() if k == key]:
+            del self._by_key[name]
 
 
 def _common_prefix_np(a: npt.NDArray[np.intc], b: npt.NDArray[np.intc]) -> int:

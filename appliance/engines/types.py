@@ -62,11 +62,14 @@ class LlmEngine(Protocol):
         json_schema: dict[str, Any] | None = None,
         stop: Sequence[str] = (),
         grammar: str | None = None,
+        cache_key: str | None = None,
+        save_state: bool = True,
     ) -> AsyncIterator[str]:
         """Stream text pieces of the completion of a raw (already templated) prompt. With
         ``json_schema`` the output is constrained by a grammar built from it; with ``grammar`` by
         that GBNF text (engines that cannot take one raise ``NotImplementedError``). Closing the
-        iterator (``aclose`` or cancelling the consumer) stops generation at the next token."""
+        iterator (``aclose`` or cancelling the consumer) stops generation at the next token.
+        ``cache_key``/``save_state``: hints for engines that keep per-conversation prompt caches."""
         ...
 
     def format_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:

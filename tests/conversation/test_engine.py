@@ -365,6 +365,7 @@ class GrammarLlm(ScriptedLlm):
     def __init__(self, outputs: Sequence[str], **kwargs: Any):
         super().__init__(outputs, **kwargs)
         self.grammars: list[str | None] = []
+        self.cache: list[tuple[str | None, bool]] = []
 
     async def stream(  # type: ignore[override]
         self,
@@ -375,9 +376,12 @@ class GrammarLlm(ScriptedLlm):
         json_schema: dict[str, Any] | None = None,
         stop: Sequence[str] = (),
         grammar: str | None = None,
+        cache_key: str | None = None,
+        save_state: bool = True,
     ) -> AsyncIterator[str]:
         assert json_schema is None or grammar is None
         self.grammars.append(grammar)
+        self.cache.append((cache_key, save_state))
         async for piece in super().stream(
             prompt, max_tokens=max_tokens, temperature=temperature, json_schema=json_schema
         ):
@@ -399,6 +403,8 @@ async def test_fast_path_feeds_the_say_opening_after_the_first_key(
     assert say_prompt == key_prompt[:-2] + SAY_OPENING
     assert llm.grammars[1] == say_body_grammar(say_max_chars(conversation.agent.max_tokens))
     assert conversation.last_trace.generations[0].first_key == "say"
+    # One saved prompt state per conversation; the first-key step's is not worth keeping.
+    assert llm.cache == [("s-1", False), ("s-1", True)]
     # The history holds the whole answer object, as the model would have written it.
     assert conversation.history[-1].text == answer
 
@@ -417,3 +423,18 @@ async def test_fast_path_a_call_continues_under_the_functions_grammar(
     assert call_schema is not None and "say" not in json.dumps(call_schema)
     assert llm.grammars[1] is None
     assert events[-1] == TurnDone("12345 has shipped.")
+
+
+async def test_prewarm_evaluates_up_to_the_next_user_message_and_yields_to_other_work(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm(["x", "x"])
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    conversation.add_assistant_message("Welcome!")
+    await conversation.prewarm()
+    (prompt,) = llm.prompts
+    assert prompt.endswith("<user>")  # the next user message's opening, nothing after it
+    assert "Welcome!" in prompt
+    llm.queue_depth = 1  # type: ignore[attr-defined]  # another call's generation is running
+    await conversation.prewarm()
+    assert len(llm.prompts) == 1

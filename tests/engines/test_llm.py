@@ -435,6 +435,34 @@ async def test_interleaved_conversations_keep_their_prefixes(smol: LlamaLlm) -> 
     assert stats.prompt_tokens - stats.cached_tokens < 40  # only the new turn was evaluated
 
 
+async def test_each_named_conversation_keeps_one_saved_state(smol: LlamaLlm) -> None:
+    """States saved under a conversation's key replace that conversation's previous one, even when
+    the new prompt is not a token-for-token extension of it (a re-rendered reply), and a step
+    saved with ``save_state=False`` leaves nothing behind."""
+    system = "You are a booking agent. " + " ".join(f"Rule {i}: be brief." for i in range(40))
+
+    def chat(name: str, turns: int) -> str:
+        messages = [{"role": "system", "content": f"You speak for {name}. {system}"}]
+        for i in range(turns):
+            messages += [
+                {"role": "user", "content": f"Question {i}?"},
+                {"role": "assistant", "content": "Ok."},
+            ]
+        return smol.format_chat([*messages, {"role": "user", "content": "Next?"}])
+
+    states = smol._states
+    before = len(states)
+    for turn in range(3):
+        for name in ("alice", "bob"):
+            await _collect(smol, chat(name, turn), max_tokens=4, cache_key=name)
+            await _collect(smol, chat(name, turn) + " x", max_tokens=1, cache_key=name, save_state=False)
+    assert len(states) - before <= 2
+    assert {"alice", "bob"} <= set(states._by_key)
+    # Alice's latest turn comes back from her state after Bob's.
+    await _collect(smol, chat("alice", 3), max_tokens=4, cache_key="alice")
+    assert smol.last_stats.restored_tokens > 300
+
+
 def _bare_sampler(temp: float, top_p: float = 0.95, min_p: float = 0.05) -> Any:
     from appliance.engines.llm import _GrammarFirstSampler
 
@@ -474,3 +502,29 @@ async def test_grammar_first_sampling_does_sample(smol: LlamaLlm) -> None:
     assert len(outputs) > 1  # not stuck on the argmax
     for text in outputs:
         jsonschema.validate(json.loads(text), schema)
+
+
+async def test_two_contexts_generate_side_by_side_with_the_same_results(smol: LlamaLlm) -> None:
+    llm = LlamaLlm("smollm2-135m", _model_path("smollm2-135m"), context_size=CONTEXT, threads=2, replicas=2)
+    try:
+        assert llm.replicas == 2
+        prompts = [
+            smol.format_chat([{"role": "user", "content": f"Count from {n} to {n + 20}."}]) for n in (1, 50)
+        ]
+        alone = [await _collect(llm, p, max_tokens=40) for p in prompts]
+        overlap = asyncio.Event()
+
+        async def watch() -> None:
+            while not overlap.is_set():
+                if llm._running_count == 2:
+                    overlap.set()
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.create_task(watch())
+        together = await asyncio.gather(*(_collect(llm, p, max_tokens=40) for p in prompts))
+        watcher.cancel()
+        assert overlap.is_set()  # both generations were running at once
+        assert list(together) == alone
+        assert llm._running_count == 0 and len(llm._free) == 2
+    finally:
+        llm.close()
