@@ -262,6 +262,12 @@ class ApplianceMetrics:
         self.barge_ins = r.counter(
             "appliance_barge_ins_total", "Agent turns cut short by the caller (not by the call ending)."
         )
+        self.speculations = r.counter(
+            "appliance_speculative_replies_total",
+            "Replies started at a pause before the end of the turn was certain, by outcome "
+            "(committed: the silence held; dropped: the caller went on talking).",
+            ["outcome"],
+        )
         self.function_calls = r.counter(
             "appliance_function_calls_total", "Function calls the agent made, by outcome.", ["outcome"]
         )
@@ -350,6 +356,10 @@ class CallObserver:
             m.calls_started.inc()
         elif isinstance(event, CallFinished):
             m.calls_finished.inc(status=event.status or "unknown")
+            if event.speculations_committed:
+                m.speculations.inc(event.speculations_committed, outcome="committed")
+            if event.speculations_dropped:
+                m.speculations.inc(event.speculations_dropped, outcome="dropped")
         elif isinstance(event, FunctionCallRecord):
             m.function_calls.inc(outcome="ok" if event.ok else "error")
         elif isinstance(event, TurnRecord) and event.role == "agent":

@@ -56,6 +56,10 @@ class CallFinished:
     ended_at: datetime
     status: str  # completed | failed | transferred
     hangup_cause: str
+    # Replies started at a pause: kept because the silence held, or dropped because the caller
+    # went on talking.
+    speculations_committed: int = 0
+    speculations_dropped: int = 0
 
 
 CallEvent = CallStarted | TurnRecord | FunctionCallRecord | CallFinished

@@ -194,6 +194,7 @@ class CallSession:
         self._spec: _Speculation | None = None
         self._rollback: asyncio.Task[None] | None = None  # restoring the brain after a dropped spec
         self.speculations = 0
+        self.speculations_committed = 0
         self.speculations_dropped = 0
         self._leave_cause = "agent_hangup"
         self._carry = ""  # caller words whose reply was cut before the brain saw them
@@ -289,7 +290,15 @@ class CallSession:
             if reply is not None and not reply.finalized:
                 self.playout.refresh()
                 self._finalize_reply(reply, interrupted=True)
-            self.recorder.submit(CallFinished(utcnow(), self.status, self.hangup_cause))
+            self.recorder.submit(
+                CallFinished(
+                    utcnow(),
+                    self.status,
+                    self.hangup_cause,
+                    self.speculations_committed,
+                    self.speculations_dropped,
+                )
+            )
 
     def _cancel_cancellable(self) -> None:
         if self._reply is not None and self._reply.task is not None:
@@ -592,6 +601,7 @@ class CallSession:
     def _commit(self, spec: _Speculation, ended: TurnEnded) -> None:
         """The silence held: the speculative reply is the answer. Let it be heard."""
         reply = spec.reply
+        self.speculations_committed += 1
         log.info("call %s: caller said %r (voiced %.0f ms, speculative reply)",
                  self.info.call_uuid, spec.text, ended.voiced_ms)  # fmt: skip
         self._record_turn("caller", spec.text, ended.onset, ended.last_voiced)

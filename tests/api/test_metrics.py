@@ -210,7 +210,7 @@ async def test_call_events_move_counters_and_timing_histograms(
         FunctionCallRecord(6, "lookup", {}, {"ok": 1}, True, None, NOW),
         FunctionCallRecord(6, "lookup", {}, None, False, "timeout", NOW),
         _turn(7, "agent", interrupted=True, timings={"first_audio_ms": None}),
-        CallFinished(NOW, "completed", "caller_hangup"),
+        CallFinished(NOW, "completed", "caller_hangup", speculations_committed=3, speculations_dropped=1),
     ):
         first.submit(event)
     second = metrics.observe_call()
@@ -225,6 +225,8 @@ async def test_call_events_move_counters_and_timing_histograms(
     assert families["appliance_barge_ins_total"].value() == 1  # turn 7 was cut by the hang-up
     calls = families["appliance_function_calls_total"]
     assert calls.value(outcome="ok") == 1 and calls.value(outcome="error") == 1
+    speculative = families["appliance_speculative_replies_total"]
+    assert speculative.value(outcome="committed") == 3 and speculative.value(outcome="dropped") == 1
     v2v = families["appliance_voice_to_voice_seconds"]
     assert v2v.value("appliance_voice_to_voice_seconds_count") == 2
     assert v2v.value("appliance_voice_to_voice_seconds_sum") == pytest.approx(4.25)

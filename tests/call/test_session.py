@@ -436,3 +436,18 @@ async def test_only_the_first_clause_of_a_reply_is_synthesized_urgently() -> Non
     assert len(h.tts.spoken) >= 2
     assert h.tts.urgent[0] is True and not any(h.tts.urgent[1:])
     await h.stop()
+
+
+async def test_the_call_record_counts_committed_and_dropped_speculations() -> None:
+    from appliance.call.records import CallFinished
+
+    texts = iter(["Book a table.", "Book a table. For two.", "Thanks."])
+    h = make_harness(brain=SpeculativeBrain(), asr_script=lambda s: next(texts, "Thanks."))
+    await h.start()
+    await h.feed(tone(700))
+    await h.silence(300)  # speculation 1
+    await h.feed(tone(500))  # ... dropped: the caller goes on
+    await h.silence(2500)  # speculation 2, committed
+    await h.stop()
+    (finished,) = [e for e in h.recorder.events if isinstance(e, CallFinished)]
+    assert (finished.speculations_committed, finished.speculations_dropped) == (1, 1)
