@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.simulator.caller import Say
+from appliance.simulator.wer import normalize_text, wer
 
 from .conftest import CallRig
 
@@ -33,7 +34,10 @@ async def test_welcome_then_a_spoken_question_gets_a_spoken_answer(rig: CallRig,
     who = [t["who"] for t in record["transcript"]]
     assert who[:3] == ["agent", "caller", "agent"], record["transcript"]
     caller = record["transcript"][1]
-    assert "club" in caller["text"].lower()
+    # "ten of clubs" through 8 kHz µ-law: tiny.en sometimes hears "clubs" as "close" (seen about
+    # once in ten runs); one word of the three may be wrong, the number may not.
+    assert wer("ten of clubs", caller["text"]) <= 1 / 3, caller["text"]
+    assert "ten" in normalize_text(caller["text"]), caller["text"]
     timings = record["transcript"][2]["timings"]
     for key in ("end_of_turn_ms", "transcript_ms", "first_token_ms", "first_clause_ms", "first_audio_ms"):
         assert timings[key] is not None and timings[key] > 0, timings
