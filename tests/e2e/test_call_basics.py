@@ -24,7 +24,8 @@ async def test_welcome_then_a_spoken_question_gets_a_spoken_answer(rig: CallRig,
     record = await rig.record(result.call_uuid)
     assert len(result.segments) >= 2, (result.to_json(), record)  # welcome, then the answer
     welcome = await rig.transcribe(result.segment_audio(result.segments[0]))
-    assert "welcome" in welcome and "card" in welcome
+    # Our own TTS through 8 kHz µ-law and back: tiny.en may hear one word wrong ("car table").
+    assert "welcome" in welcome and wer("welcome to the card table", welcome) <= 0.2, welcome
     turn = result.turns[0]
     assert turn.voice_to_voice_ms is not None, result.to_json()
     answer_audio = np.concatenate([result.segment_audio(s) for s in result.segments[1:]])
