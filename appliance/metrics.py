@@ -88,7 +88,20 @@ class _Family:
         yield f"# TYPE {self.name} {self.kind}"
 
 
-class Counter(_Family):
+class _ValueFamily(_Family):
+    """A family with one number per label set (counters and gauges) in ``_values``."""
+
+    _values: dict[LabelValues, float]
+
+    def lines(self) -> Iterator[str]:
+        yield from super().lines()
+        with self._lock:
+            items = sorted(self._values.items())
+        for key, value in items:
+            yield _series(self.name, self._labels(key), value)
+
+
+class Counter(_ValueFamily):
     """A value that only goes up. Name it ``*_total``."""
 
     kind = "counter"
@@ -107,15 +120,8 @@ class Counter(_Family):
     def value(self, **labels: str) -> float:
         return self._values.get(self._key(labels), 0.0)
 
-    def lines(self) -> Iterator[str]:
-        yield from super().lines()
-        with self._lock:
-            items = sorted(self._values.items())
-        for key, value in items:
-            yield _series(self.name, self._labels(key), value)
 
-
-class Gauge(_Family):
+class Gauge(_ValueFamily):
     """A value that goes up and down; :meth:`clear` drops every series (for scrape-time gauges)."""
 
     kind = "gauge"
@@ -135,13 +141,6 @@ class Gauge(_Family):
     def clear(self) -> None:
         with self._lock:
             self._values.clear()
-
-    def lines(self) -> Iterator[str]:
-        yield from super().lines()
-        with self._lock:
-            items = sorted(self._values.items())
-        for key, value in items:
-            yield _series(self.name, self._labels(key), value)
 
 
 class _Buckets:
