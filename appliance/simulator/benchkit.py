@@ -1,10 +1,12 @@
-"""Shared pieces of the call benchmarks (``scripts/bench_load``, ``scripts/soak``; ``bench_call`` later).
+"""Shared pieces of the call benchmarks (``scripts/bench_load``, ``scripts/soak``, ``scripts/bench_call``).
 
-- a real server in this process: :func:`start_server` (uvicorn on a loopback port, every engine),
+- a real server with every engine on a loopback port: :class:`ServerProcess` (``python -m appliance
+  serve`` in its own process, the default: the callers do not share its GIL) or :func:`start_server`
+  (a thread of this process, ``--in-process``), both through :func:`launch_server`;
   :func:`wait_ready`, :func:`create_agent`, :func:`fetch_records`, :func:`missing_models`;
 - the recorded speech the callers say (:func:`speech_paths`) and a few-turn call (:func:`turn_script`);
-- measuring the process: RSS, open FDs, threads and CPU time from ``/proc/self``
-  (:func:`proc_sample`, :class:`CpuMeter`, :class:`PeakRss`);
+- measuring a process: RSS, open FDs, threads and CPU time from ``/proc/<pid>`` (the server's
+  process) or ``/proc/self`` (:func:`proc_sample`, :class:`CpuMeter`, :class:`PeakRss`);
 - the arithmetic the scripts report, kept here so it is unit-tested: :func:`pct`,
   :func:`summarize_level`, :func:`capacity`, :func:`slope_per_hour`, :func:`soak_verdict`,
   :func:`busy_problems`.
@@ -13,22 +15,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import os
 import random
 import resource
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from appliance.config import Settings, load_settings
+from appliance.config import PROJECT_ROOT, Settings, load_settings
 from appliance.model_manifest import ROLES, Manifest, ModelError
 from appliance.server import create_app
 from appliance.simulator.caller import CallerOptions, Say, ScriptItem
@@ -125,9 +131,29 @@ def missing_models(settings: Settings) -> list[str]:
     return problems
 
 
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _scrape_live_calls(base_url: str, settings: Settings) -> int:
+    """``appliance_calls_active`` from the server's ``/metrics`` (loopback, or its bearer token)."""
+    token = settings.metrics_token.get_secret_value()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(timeout=10) as client:  # a fresh connection: no idle socket kept open
+        r = await client.get(f"{base_url}/metrics", headers=headers)
+    r.raise_for_status()
+    for line in r.text.splitlines():
+        if line.startswith("appliance_calls_active"):
+            return int(float(line.split()[-1]))
+    raise RuntimeError("the server's /metrics has no appliance_calls_active")
+
+
 @dataclass
 class BenchServer:
-    """A real uvicorn server with the appliance in a thread of this process, on a loopback port."""
+    """A real uvicorn server with the appliance in a thread of this process, on a loopback port
+    (``--in-process``: the callers share its interpreter, GIL and RSS)."""
 
     server: uvicorn.Server
     thread: threading.Thread
@@ -135,34 +161,62 @@ class BenchServer:
     settings: Settings
     app: FastAPI
 
+    mode = "in-process"
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
     @property
     def manager(self) -> Any:
         """The live :class:`~appliance.call.manager.CallManager` (after start-up)."""
         return self.app.state.appliance.services["calls"]
 
-    def live_calls(self) -> int:
+    @property
+    def max_calls(self) -> int:
+        return self.settings.limits.max_concurrent_calls
+
+    def check(self) -> None:
+        """Raise SystemExit if the server has stopped."""
+        if not self.thread.is_alive():
+            raise SystemExit("the in-process server stopped")
+
+    async def live_calls(self) -> int:
         services = self.app.state.appliance.services
         return len(services["calls"].live) if "calls" in services else 0
 
     def set_max_calls(self, n: int) -> None:
         self.settings.limits.max_concurrent_calls = n
 
+    def sample(self) -> dict[str, float]:
+        return proc_sample()
+
+    def peak_rss_mb(self) -> float:
+        return max_rss_mb()
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "pid": self.pid, "base_url": self.base_url}
+
     def stop(self, timeout_s: float = 60.0) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=timeout_s)
 
 
-def start_server(data_dir: Path, **overrides: Any) -> BenchServer:
-    """Start the appliance (engines load in the background; see :func:`wait_ready`)."""
+def start_server(
+    data_dir: Path, *, env: Mapping[str, str] | None = None, max_calls: int | None = None, **overrides: Any
+) -> BenchServer:
+    """Start the appliance in this process (engines load in the background; see :func:`wait_ready`)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    settings = load_settings(data_dir=data_dir, public_base_url=base, port=port, **overrides)
+    settings = load_settings(env=env, data_dir=data_dir, public_base_url=base, port=port, **overrides)
     problems = missing_models(settings)
     if problems:
         sock.close()
         raise SystemExit("models missing:\n  " + "\n  ".join(problems))
+    if max_calls is not None:
+        settings.limits.max_concurrent_calls = max_calls
     app = create_app(settings, load_engines=True)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -178,18 +232,188 @@ def start_server(data_dir: Path, **overrides: Any) -> BenchServer:
     return BenchServer(server, thread, base, settings, app)
 
 
+# Runs ``python -m appliance serve ...`` after asking the kernel to SIGTERM it when the benchmark
+# dies (even by SIGKILL), so a 2 GB server never outlives the run; a parent already gone: exit.
+_LAUNCHER = (
+    "import ctypes, os, runpy, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv.pop(1)):\n"
+    "    sys.exit(1)\n"
+    "runpy.run_module('appliance', run_name='__main__', alter_sys=True)\n"
+)
+
+
+class ServerProcess:
+    """``python -m appliance serve`` in its own process on a loopback port, as in production: the
+    simulated callers (Plivo's side) then do not share the server's interpreter, GIL, event loop or
+    RSS. Its RSS, FDs, threads and CPU are read from ``/proc/<pid>`` (:meth:`sample`).
+
+    ``env`` is the server's environment (default: this process's); ``max_calls`` sets
+    ``limits.max_concurrent_calls`` (fixed for the process's life: restart to change it). The
+    server's output is appended to ``log_path`` (default ``data_dir/server.log``). :meth:`stop` (SIGTERM,
+    then SIGKILL after ``timeout_s``) must run on every way out; the process also gets SIGTERM from
+    the kernel if this one dies first.
+    """
+
+    mode = "process"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        max_calls: int | None = None,
+        log_path: Path | None = None,
+        require_models: bool = True,
+    ) -> None:
+        port = _free_loopback_port()
+        self.base_url = f"http://127.0.0.1:{port}"
+        child_env = dict(os.environ if env is None else env)
+        child_env.update(
+            APPLIANCE_DATA_DIR=str(data_dir), APPLIANCE_PUBLIC_BASE_URL=self.base_url,
+            APPLIANCE_HOST="127.0.0.1", APPLIANCE_PORT=str(port),
+            APPLIANCE_LOG_LEVEL=child_env.get("APPLIANCE_LOG_LEVEL", "warning"),
+        )  # fmt: skip
+        if max_calls is not None:
+            child_env["APPLIANCE_LIMITS_MAX_CONCURRENT_CALLS"] = str(max_calls)
+        self.settings = load_settings(env=child_env)
+        if require_models and (problems := missing_models(self.settings)):
+            raise SystemExit("models missing:\n  " + "\n  ".join(problems))
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path or data_dir / "server.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        serve = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+        self.command = [sys.executable, "-m", "appliance", *serve]
+        self._log = open(self.log_path, "ab")  # closed by stop()
+        self._log.write(f"== {' '.join(self.command)} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._log.flush()
+        self._peak_rss_mb = 0.0
+        self.returncode: int | None = None
+        self.killed = False  # stop() had to SIGKILL it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *serve],
+            cwd=PROJECT_ROOT, env=child_env, stdin=subprocess.DEVNULL, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True,  # Ctrl-C reaches us; we stop it in order
+        )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def max_calls(self) -> int:
+        return self.settings.limits.max_concurrent_calls
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check(self) -> None:
+        """Raise SystemExit (with the end of its log) if the server process has exited."""
+        code = self.proc.poll()
+        if code is not None:
+            raise SystemExit(
+                f"the server process exited with code {code}; the end of {self.log_path}:\n{self.log_tail()}"
+            )
+
+    async def live_calls(self) -> int:
+        try:
+            return await _scrape_live_calls(self.base_url, self.settings)
+        except httpx.TransportError:
+            self.check()
+            raise
+
+    def set_max_calls(self, n: int) -> None:
+        if n != self.max_calls:
+            raise RuntimeError(
+                f"the server process serves {self.max_calls} calls at most; start another with max_calls={n}"
+            )
+
+    def sample(self) -> dict[str, float]:
+        """The server process now (see :func:`proc_sample`)."""
+        s = proc_sample(self.pid)
+        self._peak_rss_mb = max(self._peak_rss_mb, s["hwm_mb"])
+        return s
+
+    def peak_rss_mb(self) -> float:
+        """The server process's peak RSS (VmHWM), kept after it has stopped."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                self.sample()
+        return self._peak_rss_mb
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode, "pid": self.pid, "base_url": self.base_url,
+            "command": "python " + " ".join(self.command[1:]), "returncode": self.returncode,
+            "killed": self.killed,
+        }  # fmt: skip
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM (uvicorn's graceful shutdown: live calls hung up, records written; it then exits by
+        that signal, code -15), SIGKILL after ``timeout_s``; returns the exit code. Safe to call twice."""
+        if self.returncode is None:
+            self.peak_rss_mb()
+            if self.proc.poll() is None:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.killed = True
+                self.proc.kill()
+                self.proc.wait()
+            self.returncode = self.proc.returncode
+            self._log.close()
+        return self.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+AnyServer: TypeAlias = BenchServer | ServerProcess
+
+
+def launch_server(
+    data_dir: Path,
+    *,
+    in_process: bool = False,
+    env: Mapping[str, str] | None = None,
+    max_calls: int | None = None,
+    log_path: Path | None = None,
+) -> AnyServer:
+    """The appliance as its own process (default), or in this one with ``in_process``."""
+    if in_process:
+        return start_server(data_dir, env=env, max_calls=max_calls)
+    return ServerProcess(data_dir, env=env, max_calls=max_calls, log_path=log_path)
+
+
 async def wait_ready(
-    base: str, timeout_s: float = 900.0, progress: Callable[[float], None] | None = None
+    base: str,
+    timeout_s: float = 900.0,
+    progress: Callable[[float], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> float:
-    """Until ``/ready`` is 200; returns the seconds it took. ``progress(elapsed)`` about every 10 s."""
+    """Until ``/ready`` is 200; returns the seconds it took. ``progress(elapsed)`` about every 10 s;
+    ``check()`` (e.g. :meth:`ServerProcess.check`) on every poll, to fail fast if the server died."""
     started = time.monotonic()
     last = started
     async with httpx.AsyncClient() as client:
         while True:
-            r = await client.get(f"{base}/ready")
-            if r.status_code == 200:
+            if check is not None:
+                check()
+            try:
+                r = await client.get(f"{base}/ready")
+            except httpx.TransportError:  # a server process still starting
+                r = None
+            if r is not None and r.status_code == 200:
                 return time.monotonic() - started
-            if r.json().get("error"):
+            if r is not None and r.json().get("error"):
                 raise SystemExit(f"engines failed: {r.json()['error']}")
             now = time.monotonic()
             if now - started > timeout_s:
@@ -200,11 +424,16 @@ async def wait_ready(
             await asyncio.sleep(0.5)
 
 
-async def poll_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
-    """Check ``predicate`` (state another thread owns, so no event to await) until true or timed out."""
+async def poll_until(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float, interval_s: float = 0.2
+) -> bool:
+    """Check ``predicate`` (sync, or async such as a server's live calls) until true or timed out."""
     end = time.monotonic() + timeout_s
     while True:
-        if predicate():
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
             return True
         if time.monotonic() >= end:
             return False
@@ -219,7 +448,7 @@ class BenchAgent:
 
 
 async def create_agent(
-    server: BenchServer, name: str = "bench", welcome: str = WELCOME, prompt: str = PROMPT
+    server: AnyServer, name: str = "bench", welcome: str = WELCOME, prompt: str = PROMPT
 ) -> BenchAgent:
     creds = await create_account_cli(server.settings, name)
     auth = (creds.auth_id, creds.auth_token)
@@ -294,11 +523,18 @@ def busy_problems(result: CallResult, busy_message: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ process
+#
+# ``pid`` None reads this process (``/proc/self``); a server's pid reads that process, e.g. a
+# :class:`ServerProcess` child, whose figures are then the server's alone, without the callers.
 
 
-def _status_fields() -> dict[str, str]:
+def _proc(pid: int | None) -> str:
+    return "/proc/self" if pid is None else f"/proc/{pid}"
+
+
+def _status_fields(pid: int | None = None) -> dict[str, str]:
     out: dict[str, str] = {}
-    with open("/proc/self/status") as f:
+    with open(f"{_proc(pid)}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
             out[key] = value.strip()
@@ -316,67 +552,89 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def process_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
+def _stat_cpu_s(path: str) -> float:
+    """user + system CPU seconds from a ``/proc/.../stat`` file."""
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # After "pid (comm)": state is field 3, utime 14 and stime 15 (1-based) -> indexes 11, 12 here.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, every thread) of this process, or of process ``pid``."""
+    if pid is None or pid == os.getpid():
+        t = os.times()
+        return t.user + t.system
+    return _stat_cpu_s(f"/proc/{pid}/stat")
 
 
 def thread_cpu_s(native_id: int) -> float:
     """CPU seconds (user + system) of one thread of this process, from /proc/self/task/<tid>/stat."""
     try:
-        with open(f"/proc/self/task/{native_id}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        return _stat_cpu_s(f"/proc/self/task/{native_id}/stat")
     except OSError:
         return 0.0
-    # After "pid (comm)": state is field 3, utime 14 and stime 15 (1-based) -> indexes 11, 12 here.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def proc_sample() -> dict[str, float]:
-    """This process now: RSS and its peak (MB), open file descriptors, threads, CPU seconds."""
-    status = _status_fields()
+def proc_sample(pid: int | None = None) -> dict[str, float]:
+    """This process (or process ``pid``) now: RSS and its peak (MB), open file descriptors, threads,
+    CPU seconds."""
+    status = _status_fields(pid)
     return {
         "rss_mb": _kb_to_mb(status.get("VmRSS", "0 kB")),
         "hwm_mb": _kb_to_mb(status.get("VmHWM", "0 kB")),
-        "fds": float(len(os.listdir("/proc/self/fd"))),
+        "fds": float(len(os.listdir(f"{_proc(pid)}/fd"))),
         "threads": float(int(status.get("Threads", "0"))),
-        "cpu_s": round(process_cpu_s(), 2),
+        "cpu_s": round(process_cpu_s(pid), 2),
     }
 
 
 def max_rss_mb() -> float:
-    """Peak RSS of the process over its whole life."""
+    """Peak RSS of this process over its whole life."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
 class CpuMeter:
-    """CPU used by the process (and by one thread of it) between start() and stop(), as % of the
-    machine's cores: 100% = every core busy."""
+    """CPU used between start() and stop(), as % of the machine's cores (100% = every core busy):
+    ``cpu_pct`` by the server (process ``pid``; None: this process, when the server runs in it),
+    ``thread_cpu_pct`` by one thread of this process (default: the calling one, the callers' loop),
+    and ``caller_cpu_pct`` by the callers: this whole process when the server is another one, else
+    that thread."""
 
-    def __init__(self, thread_id: int | None = None) -> None:
+    def __init__(self, thread_id: int | None = None, pid: int | None = None) -> None:
         self.thread_id = thread_id if thread_id is not None else threading.get_native_id()
+        self.pid = None if pid == os.getpid() else pid
         self.cores = cpu_cores()
-        self._t0 = self._p0 = self._c0 = 0.0
+        self._t0 = self._p0 = self._c0 = self._s0 = 0.0
 
     def start(self) -> None:
-        self._t0, self._p0, self._c0 = time.monotonic(), process_cpu_s(), thread_cpu_s(self.thread_id)
+        self._t0, self._p0 = time.monotonic(), process_cpu_s(self.pid)
+        self._c0, self._s0 = thread_cpu_s(self.thread_id), process_cpu_s()
 
     def stop(self) -> dict[str, float]:
         wall = max(time.monotonic() - self._t0, 1e-6)
-        process = process_cpu_s() - self._p0
+        process = process_cpu_s(self.pid) - self._p0
         thread = thread_cpu_s(self.thread_id) - self._c0
+        callers = (process_cpu_s() - self._s0) if self.pid is not None else thread
+
+        def share(seconds: float) -> float:
+            return round(100.0 * seconds / wall / self.cores, 1)
+
         return {
             "wall_s": round(wall, 1),
-            "cpu_pct": round(100.0 * process / wall / self.cores, 1),
-            "thread_cpu_pct": round(100.0 * thread / wall / self.cores, 1),
+            "cpu_pct": share(process),
+            "thread_cpu_pct": share(thread),
+            "caller_cpu_pct": share(callers),
         }
 
 
 class PeakRss:
-    """Samples VmRSS in a background thread; ``reset()`` starts a new window, ``peak_mb`` is its max."""
+    """Samples VmRSS of this process (or of process ``pid``) in a background thread; ``reset()``
+    starts a new window, ``peak_mb`` is its max."""
 
-    def __init__(self, interval_s: float = 0.25) -> None:
+    def __init__(self, interval_s: float = 0.25, pid: int | None = None) -> None:
         self.interval_s = interval_s
+        self.pid = pid
         self.peak_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
@@ -389,12 +647,18 @@ class PeakRss:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    def _rss(self) -> float:
+        try:
+            return _kb_to_mb(_status_fields(self.pid).get("VmRSS", "0 kB"))
+        except OSError:  # the process has exited
+            return 0.0
+
     def reset(self) -> None:
-        self.peak_mb = _kb_to_mb(_status_fields().get("VmRSS", "0 kB"))
+        self.peak_mb = self._rss()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak_mb = max(self.peak_mb, _kb_to_mb(_status_fields().get("VmRSS", "0 kB")))
+            self.peak_mb = max(self.peak_mb, self._rss())
 
 
 # ------------------------------------------------------------------------------ summaries
@@ -422,7 +686,7 @@ def summarize_level(
         "cut_calls": sum(1 for c in calls if c["closed_by"] not in ("caller", "server")),
         "late_ticks": sum(int(c["late_ticks"]) for c in calls),
         "cpu_pct": (cpu or {}).get("cpu_pct"),
-        "caller_cpu_pct": (cpu or {}).get("thread_cpu_pct"),
+        "caller_cpu_pct": (cpu or {}).get("caller_cpu_pct", (cpu or {}).get("thread_cpu_pct")),
         "wall_s": (cpu or {}).get("wall_s"),
         "peak_rss_mb": peak_rss_mb,
     }

@@ -1,16 +1,22 @@
 """scripts/bench_load and scripts/soak: their arithmetic (percentiles per level, the capacity decision,
-soak slopes and verdict, the busy-call check) on synthetic numbers, the process probes, ``--help``,
-and one short real load run (one level, one call, one turn, plus the over-capacity check)."""
+soak slopes and verdict, the busy-call check) on synthetic numbers, the process probes, the server
+process helper (started without model weights: it serves, is measured and stops), ``--help``, and
+one short real load run (one level, one call, one turn, plus the over-capacity check)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import random
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from appliance.api.talk import BUSY_MESSAGE
@@ -18,6 +24,7 @@ from appliance.config import PROJECT_ROOT, load_settings
 from appliance.simulator.benchkit import (
     SPEECH_DIR,
     CpuMeter,
+    ServerProcess,
     SoakLimits,
     busy_problems,
     capacity,
@@ -28,6 +35,7 @@ from appliance.simulator.benchkit import (
     soak_verdict,
     summarize_level,
     turn_script,
+    wait_ready,
 )
 from appliance.simulator.caller import Say
 from appliance.simulator.report import CallResult, Violation
@@ -216,6 +224,68 @@ def test_proc_sample_and_cpu_meter_read_this_process() -> None:
     assert used["cpu_pct"] > 5 and used["thread_cpu_pct"] > 5 and used["wall_s"] >= 0.3
 
 
+def test_proc_sample_and_cpu_meter_read_another_process() -> None:
+    busy = "import time\nprint('go', flush=True)\nend = time.monotonic() + 0.6\n"
+    busy += "while time.monotonic() < end:\n    pass\n"
+    child = subprocess.Popen([sys.executable, "-c", busy], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "go\n"
+        meter = CpuMeter(pid=child.pid)
+        meter.start()
+        s = proc_sample(child.pid)
+        assert s["rss_mb"] > 1 and s["fds"] >= 3 and s["threads"] == 1
+        time.sleep(0.4)
+        used = meter.stop()
+        assert used["cpu_pct"] > 5  # the child's busy loop
+        assert used["caller_cpu_pct"] < used["cpu_pct"]  # this process mostly slept
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_server_process_serves_on_loopback_is_measured_and_stops(tmp_path: Path) -> None:
+    """``python -m appliance serve`` as a child: without weights its engines fail at once, but it
+    answers /health and /metrics; its figures are its own; SIGTERM stops it gracefully."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "manifest.toml").write_text((PROJECT_ROOT / "models" / "manifest.toml").read_text())
+    env = {**os.environ, "APPLIANCE_MODELS_DIR": str(models)}
+    with pytest.raises(SystemExit, match="models missing"):
+        ServerProcess(tmp_path / "refused", env=env)
+    server = ServerProcess(tmp_path / "data", env=env, max_calls=3, require_models=False)
+
+    async def probe() -> tuple[int, str, int]:
+        with pytest.raises(SystemExit, match="engines failed"):
+            await wait_ready(server.base_url, 60, check=server.check)
+        async with httpx.AsyncClient(timeout=10) as client:
+            health = await client.get(f"{server.base_url}/health")
+        return health.status_code, health.text, await server.live_calls()
+
+    try:
+        assert server.base_url.startswith("http://127.0.0.1:") and server.pid != os.getpid()
+        assert server.mode == "process" and server.max_calls == 3
+        status, body, live = asyncio.run(probe())
+        assert status == 200 and "ok" in body and live == 0
+        s = server.sample()
+        mine = proc_sample()
+        assert s["rss_mb"] > 30 and s["fds"] >= 3 and s["threads"] >= 2 and s["cpu_s"] > 0
+        assert s != mine
+        server.set_max_calls(3)
+        with pytest.raises(RuntimeError, match="max_calls=5"):
+            server.set_max_calls(5)
+    finally:
+        code = server.stop(timeout_s=30)
+    assert code in (0, -signal.SIGTERM) and not server.killed  # uvicorn re-raises the SIGTERM it handled
+    assert server.proc.poll() is not None and server.stop() == code
+    assert server.peak_rss_mb() >= s["rss_mb"]
+    info = server.describe()
+    assert info["mode"] == "process" and info["returncode"] == code
+    assert info["command"].startswith("python -m appliance serve --host 127.0.0.1 --port ")
+    assert "engines not ready" in server.log_path.read_text()
+    with pytest.raises(SystemExit, match="exited with code"):
+        server.check()
+
+
 def test_missing_models_names_the_install_command(tmp_path: Path) -> None:
     (tmp_path / "manifest.toml").write_text((PROJECT_ROOT / "models" / "manifest.toml").read_text())
     settings = load_settings(env={}, models_dir=tmp_path)
@@ -233,7 +303,8 @@ def test_missing_models_names_the_install_command(tmp_path: Path) -> None:
 def test_help_explains_the_script(script: str) -> None:
     r = subprocess.run([str(SCRIPTS / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "--max-seconds" in r.stdout
+    assert "--max-seconds" in r.stdout and "--in-process" in r.stdout
+    assert "python -m appliance serve" in r.stdout
     if script == "bench_load":
         assert "--levels" in r.stdout and "--over-capacity" in r.stdout and "p95" in r.stdout
     else:
@@ -254,11 +325,21 @@ def test_bench_load_one_short_real_run(tmp_path: Path) -> None:
     out = tmp_path / "load.json"
     cmd = [
         str(SCRIPTS / "bench_load"), "--levels", "1", "--turns", "1", "--level-seconds", "1",
-        "--over-capacity", "1", "--extra-calls", "1", "--max-seconds", "170", "--out", str(out),
+        "--over-capacity", "1", "--extra-calls", "1", "--max-seconds", "240", "--out", str(out),
     ]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=PROJECT_ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=320, cwd=PROJECT_ROOT)
+    print(r.stdout)  # the run's log and table (pytest -s)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.loads(out.read_text())
+    # Two server processes (the busy check's, with 1 line, then the ramp's), each stopped by SIGTERM.
+    assert data["server_mode"] == "process"
+    assert [s["role"] for s in data["servers"]] == ["over-capacity", "ramp"]
+    for server in data["servers"]:
+        assert server["returncode"] in (0, -15) and not server["killed"] and server["peak_rss_mb"] > 100
+        assert server["base_url"].startswith("http://127.0.0.1:")
+        assert not Path(f"/proc/{server['pid']}").exists()  # stopped and reaped
+    assert data["max_rss_mb"] > data["bench_max_rss_mb"]  # the figures are the server's, not the callers'
+    assert "python -m appliance serve" in r.stdout
     (level,) = data["levels"]
     assert level["level"] == 1 and level["calls"] == 1 and level["turns"] == 1
     assert level["answered"] == 1 and level["unanswered"] == 0 and level["violations"] == 0
