@@ -60,8 +60,9 @@ class GpuSettings(_Section):
 
 class LlmSettings(_Section):
     context_size: int = 4096
-    # Contexts over one copy of the weights: calls' generations run side by side instead of queueing.
-    replicas: int = 2
+    # Sequences decoded together in one batch, each keeping one conversation's prompt cache; more
+    # generations than this wait for a free one.
+    slots: int = 4
 
 
 class AsrSettings(_Section):
@@ -90,6 +91,9 @@ class CallSettings(_Section):
     smart_end_of_turn: bool = True
     # Start the reply at that pause, held back until the end of the turn is certain.
     speculative: bool = True
+    # A reply's first clause may end where a phrase starts ("The ten of clubs | is ...") once it
+    # has this many words, instead of waiting for punctuation; 0: punctuation only.
+    first_phrase_words: int = 3
 
 
 class Settings(_Section):

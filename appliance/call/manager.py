@@ -181,6 +181,7 @@ class CallManager:
             end_of_turn_silence_ms=cs.end_of_turn_silence_ms, min_utterance_ms=cs.min_utterance_ms,
             barge_in_min_speech_ms=cs.barge_in_min_speech_ms, playout_lead_ms=cs.playout_lead_ms,
             pause_ms=cs.pause_ms, smart_end_of_turn=cs.smart_end_of_turn, speculative=cs.speculative,
+            first_phrase_words=cs.first_phrase_words,
             tts_speed=float(tts_cfg.get("speed") or 1.0), language=stt.get("language") or "en",
         )  # fmt: skip
         rest = self.rest_for(account)

@@ -120,6 +120,9 @@ class SessionConfig:
     smart_end_of_turn: bool = True
     # Start the reply at the pause, held back until the end of the turn is certain.
     speculative: bool = True
+    # The first clause of a generated reply may end before a phrase-opening word once it has this
+    # many words (see ``ClauseChunker``); 0: at punctuation only.
+    first_phrase_words: int = 3
     goodbye_message: str = "Goodbye."
     timeout_message: str = "I'm sorry, we have reached the time limit for this call. Goodbye."
 
@@ -675,7 +678,7 @@ class CallSession:
         the rest is still being generated."""
         assert reply.input_text is not None
         clauses: asyncio.Queue[str | None] = asyncio.Queue(maxsize=32)
-        chunker = ClauseChunker()
+        chunker = ClauseChunker(first_phrase_words=self.config.first_phrase_words)
         timings = reply.timings
 
         async def think() -> None:

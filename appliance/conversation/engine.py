@@ -146,9 +146,10 @@ class Conversation:
     async def prewarm(self) -> None:
         """Evaluate the prompt prefix ahead of the next turn (while the welcome or a reply plays):
         system message, history so far and the opening of the next user message, so the turn only
-        pays for the caller's new words. Skipped while the engine has other work: a prewarm only
-        pays off on an idle engine, and on a shared one it would delay another call's turn."""
-        if getattr(self.llm, "queue_depth", 0):
+        pays for the caller's new words. On an engine that runs background work behind urgent work
+        (``schedules_background``) it is submitted as background; on others it is skipped while the
+        engine has other work, where it would delay another call's turn."""
+        if getattr(self.llm, "queue_depth", 0) and not getattr(self.llm, "schedules_background", False):
             return
         system = system_message(self.agent, self.context, self.functions, self._now())
         probe = [*self.history, HistoryItem("user", text=_NEXT_USER)]
@@ -156,7 +157,9 @@ class Conversation:
         cut = prompt.text.rfind(_NEXT_USER)
         if cut <= 0:  # the template changed the text: nothing safe to cut at
             return
-        stream = self.llm.stream(prompt.text[:cut], max_tokens=1, temperature=0.0, **self._cache_options())
+        stream = self.llm.stream(
+            prompt.text[:cut], max_tokens=1, temperature=0.0, **self._cache_options(background=True)
+        )
         async with contextlib.aclosing(stream) as pieces:  # type: ignore[type-var]
             async for _ in pieces:
                 break
@@ -409,11 +412,14 @@ class Conversation:
                 # call layer narrows it to what was heard with ``record_heard``.
                 self.history.append(HistoryItem("say", text=parser.said, interrupted=True))
 
-    def _cache_options(self, *, save: bool = True) -> dict[str, Any]:
-        """Prompt-cache hints for engines that keep one saved state per conversation."""
+    def _cache_options(self, *, save: bool = True, background: bool = False) -> dict[str, Any]:
+        """Prompt-cache and priority hints for engines that keep one prompt cache per conversation."""
         if not getattr(self.llm, "supports_grammar", False):
             return {}
-        return {"cache_key": self.context.session_id, "save_state": save}
+        options: dict[str, Any] = {"cache_key": self.context.session_id, "save_state": save}
+        if background:
+            options["background"] = True
+        return options
 
     async def _first_key(self, prompt_text: str) -> str:
         """``say`` or ``name``: the key the model writes first in its answer object, greedily."""

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..model_manifest import ModelError
+from .priority import CPU
 from .types import FloatArray, Transcript
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,10 @@ class WhisperAsr:
         # Counted down here, not in the awaiting task: a cancelled transcription keeps the worker
         # busy until CTranslate2 finishes it.
         try:
-            return self._decode(pcm16k, language)
+            # A caller has just paused and waits for the reply this transcript starts: the rest of
+            # other calls' replies (background generation) pauses meanwhile.
+            with CPU.urgent():
+                return self._decode(pcm16k, language)
         finally:
             with self._pending_lock:
                 self._pending -= 1

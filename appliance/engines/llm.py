@@ -1,16 +1,26 @@
-"""Local LLM on llama.cpp (llama-cpp-python): streamed, cancellable, optionally grammar-constrained.
+"""Local LLM on llama.cpp (llama-cpp-python): streamed, cancellable, optionally grammar-constrained,
+with every running generation decoded together in one batch.
 
-One ``Llama`` context is not thread-safe and holds the KV cache of its last evaluation. Every
-generation therefore runs on the engine's single worker thread: requests queue there, and each call
-reuses the longest common token prefix of the previous one (llama-cpp-python does this by itself as
-long as the same ``Llama`` object is called with a token list that starts the same way), so a
-conversation's system prompt and history are not re-evaluated every turn. When several
-conversations take turns, snapshots of their KV cells (``_PrefixStates``) bring each one's prefix
-back instead of re-evaluating it.
+One llama.cpp context holds ``slots`` sequences in a single (unified) KV cache. A scheduler thread
+owns the context: each step it gathers one token from every generating sequence (and a chunk of
+prompt from every one still reading its prompt) into one ``llama_decode`` call, then samples each
+sequence's next token from its own row of logits. Calls therefore never queue behind another
+call's whole reply, and on a CPU four sequences decode for about the cost of two.
 
-Pieces reach the consumer through a bounded queue; closing the iterator (``aclose``, or
-cancellation while it waits for the next piece) stops generation at the next token. A consumer that
-can be cancelled while busy with a piece should hold the iterator in ``contextlib.aclosing``.
+Each slot keeps the tokens it has evaluated. A conversation (``cache_key``) returns to its own slot,
+so its system prompt and history are never re-evaluated; a new conversation sharing a prefix with
+any slot (the same agent's system prompt) starts from a copy of those KV cells (``seq_cp``: shared
+cells, no data copied).
+
+Latency first: a generation's prompt and first ``URGENT_TOKENS`` tokens are urgent (a caller waits
+in silence for them). While any generation is urgent, the others (the rest of a reply already
+being spoken, a prewarm) only get a step when they have waited ``BACKGROUND_MAX_WAIT_S``: on a CPU
+a decode step costs nearly in proportion to the tokens in it.
+
+Pieces reach the consumer through a queue bounded by ``QUEUE_SIZE`` (a sequence whose consumer is
+that far behind is left out of the batch); closing the iterator (``aclose``, or cancellation while
+it waits for the next piece) stops generation at the next step. A consumer that can be cancelled
+while busy with a piece should hold the iterator in ``contextlib.aclosing``.
 
 With ``json_schema`` the output is constrained by a GBNF grammar generated from the schema, with
 string characters tightened to exclude control characters; constrained decoding checks the
@@ -21,6 +31,7 @@ the whole vocabulary at every step.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import ctypes
 import json
 import logging
@@ -29,12 +40,10 @@ import struct
 import threading
 import time
 import weakref
-from collections import OrderedDict
-from collections.abc import AsyncGenerator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -46,11 +55,21 @@ from .priority import CPU
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
-# Pieces a consumer may fall behind before the worker waits for it. Small: a stalled consumer
-# (a caller that stopped reading) should cost a few tokens of wasted work, not a whole reply.
+# Pieces a consumer may fall behind before its sequence sits out of the batch. Small: a stalled
+# consumer (a caller that stopped reading) should cost a few tokens of wasted work, not a reply.
 QUEUE_SIZE = 8
-# The longest a generation pauses for urgent work between two tokens.
+# The longest background generation pauses for urgent work (a first clause being synthesized, or
+# another call's first tokens) before it gets a step anyway.
 URGENT_MAX_WAIT_S = 0.5
+BACKGROUND_MAX_WAIT_S = 0.5
+# A generation's first tokens carry a reply's first clause: someone is waiting for them.
+URGENT_TOKENS = 16
+# Tokens per ``llama_decode`` call, and the most of one background prompt read in one step (so an
+# urgent generation arriving meanwhile waits for a short step, not a whole prompt).
+BATCH_TOKENS = 512
+BACKGROUND_PROMPT_CHUNK = 32
+# A shared prefix shorter than this is cheaper to evaluate than to bring over from another slot.
+MIN_SHARED_PREFIX = 16
 # JSON string characters allowed by the grammar: no quote, no backslash (escapes have their own
 # rule), and no control characters, so a small model cannot loop on raw newlines inside a string.
 STRICT_STRING_CHAR = r'[^"\\\x7F\x00-\x1F]'
@@ -73,13 +92,14 @@ class GenerationStats:
     """Timings and counts of one generation, for benchmarks and logs."""
 
     prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens not re-evaluated (KV cache in place or restored)
-    restored_tokens: int = 0  # prompt prefix brought back from a saved conversation state
+    cached_tokens: int = 0  # prompt tokens not evaluated (in the slot's KV cells, own or copied)
+    restored_tokens: int = 0  # prompt prefix copied from another slot's KV cells
     completion_tokens: int = 0
-    queued_s: float = 0.0  # waiting behind other generations on this engine
+    queued_s: float = 0.0  # waiting for a free slot
     first_token_s: float | None = None  # from the start of this generation (excludes queueing)
     total_s: float = 0.0
     finish: str = ""  # "stop" | "length" | "cancelled" | "error"
+    batch_peak: int = 0  # most sequences decoded in one step alongside this one (itself included)
 
     @property
     def tokens_per_s(self) -> float:
@@ -90,19 +110,47 @@ class GenerationStats:
 _END = object()
 
 
-@dataclass(eq=False)  # identity hashing: jobs live in a set
+@dataclass
+class _Slot:
+    """One sequence of the shared KV cache and the tokens evaluated into it."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    owner: str | None = None  # the conversation (cache_key) whose prefix it holds
+    job: _Job | None = None
+    last_used: float = 0.0
+
+
+@dataclass(eq=False)  # identity hashing: jobs live in sets
 class _Job:
-    """What the event-loop side and the worker thread share for one generation."""
+    """One generation: what the event-loop side and the scheduler thread share."""
 
     loop: asyncio.AbstractEventLoop
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    grammar: Any  # LlamaGrammar or None
+    stop_strings: list[str]
+    cache_key: str | None
+    background: bool
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
-    # The queue itself is unbounded on the loop side; these credits bound it from the thread side,
-    # so the worker blocks (without touching the loop) while the consumer is QUEUE_SIZE pieces behind.
-    credits: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(QUEUE_SIZE))
+    finished: asyncio.Event = field(default_factory=asyncio.Event)  # retired: no more work for it
     stop: threading.Event = field(default_factory=threading.Event)
-    started: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     stats: GenerationStats = field(default_factory=GenerationStats)
+    sent: int = 0  # pieces posted (scheduler thread writes)
+    taken: int = 0  # pieces consumed (event-loop thread writes)
+    # Scheduler-thread state.
+    slot: _Slot | None = None
+    started: float = 0.0
+    pending: list[int] = field(default_factory=list)  # tokens to evaluate next
+    sampler: _GrammarFirstSampler | None = None
+    last_step: float = 0.0
+    text: _TextOut | None = None
+
+    @property
+    def urgent(self) -> bool:
+        return not self.background and self.stats.completion_tokens < URGENT_TOKENS
 
     def post(self, item: object) -> None:
         try:
@@ -110,17 +158,44 @@ class _Job:
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.stop.set()
 
-    def send(self, piece: str) -> bool:
-        """Worker side: deliver one piece, waiting for room. False once the consumer has gone."""
-        self.credits.acquire()
-        if self.stop.is_set():
-            return False
-        self.post(piece)
-        return True
+    def retired(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.finished.set)
+        except RuntimeError:
+            pass
 
-    def cancel(self) -> None:
-        self.stop.set()
-        self.credits.release()  # wakes a worker blocked in send()
+
+class _TextOut:
+    """Token bytes to text pieces: whole UTF-8 characters only, and text that may be the start of a
+    stop string held back until it is known not to be."""
+
+    def __init__(self, stop_strings: Sequence[str]):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = [s for s in stop_strings if s]
+        self._held = ""
+
+    def feed(self, data: bytes) -> tuple[str, bool]:
+        """The text that can go out now, and whether a stop string ended the output."""
+        text = self._held + self._decoder.decode(data)
+        if not self._stops:
+            self._held = ""
+            return text, False
+        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            return text[:cut], True
+        keep = 0  # the longest end of ``text`` that begins some stop string
+        for s in self._stops:
+            for n in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:n]):
+                    keep = n
+                    break
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        text, self._held = self._held + self._decoder.decode(b"", final=True), ""
+        return text
 
 
 def check_gguf(path: Path, model_id: str) -> None:
@@ -149,6 +224,7 @@ def tighten_string_chars(gbnf: str) -> str:
 
 class LlamaLlm:
     supports_grammar = True  # ``stream(grammar=...)`` takes raw GBNF
+    schedules_background = True  # ``stream(background=True)`` yields to urgent generations
 
     def __init__(
         self,
@@ -159,50 +235,65 @@ class LlamaLlm:
         threads: int,
         batch_threads: int | None = None,
         gpu_layers: int = 0,
-        state_cache_bytes: int = 256 << 20,
-        replicas: int = 1,
+        slots: int = 4,
     ):
         self.model_id = model_id
         self.model_path = Path(model_path)
-        self.context_size = context_size
         self.last_stats = GenerationStats()
         check_gguf(self.model_path, model_id)
         self.threads = threads
         self.batch_threads = batch_threads or threads
-        # Several contexts over one memory-mapped copy of the weights: one call's long reply no
-        # longer holds up another call's first words. Each runs with all threads while alone and
-        # shares them when others generate too (see ``_fit_threads``).
-        self._replicas: list[_Llama] = []
+        self.grammar_first = True  # False: mask the whole vocabulary at every step (for comparison)
         try:
-            for _ in range(max(1, replicas)):
-                self._replicas.append(
-                    _Llama(
-                        model_path=str(self.model_path), n_ctx=context_size, n_threads=threads,
-                        n_threads_batch=self.batch_threads, n_gpu_layers=gpu_layers, verbose=False,
-                    )
-                )  # fmt: skip
+            # Vocabulary, chat template and metadata, and the weights the batched context uses; its
+            # own context is a token's worth.
+            self._llama = llama_cpp.Llama(
+                model_path=str(self.model_path), n_ctx=16, n_batch=16, n_ubatch=16, n_threads=1,
+                n_gpu_layers=gpu_layers, verbose=False,
+            )  # fmt: skip
         except ValueError as exc:  # llama-cpp-python reports any load failure as ValueError
-            for replica in self._replicas:
-                replica.close()
             raise ModelCorrupt(f"{self.model_path}: llama.cpp could not load it ({exc})") from exc
-        self._llama = self._replicas[0]  # vocabulary, template and metadata
-        self.context_size = int(self._llama.n_ctx())  # what llama.cpp actually allocated
-        self._add_bos = bool(self._llama._model.add_bos_token())
-        self._executor = ThreadPoolExecutor(
-            max_workers=len(self._replicas), thread_name_prefix=f"llm-{model_id}"
-        )
-        self._free: list[_Llama] = list(self._replicas)
-        self._pool_lock = threading.Lock()
-        self._jobs: set[_Job] = set()
-        self._states = _PrefixStates(state_cache_bytes)
-        self._running_count = 0
+        model = self._llama._model
+        self.context_size = min(context_size, int(model.n_ctx_train()) or context_size)
+        self._vocab = model.vocab
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._add_bos = bool(model.add_bos_token())
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.context_size * max(1, slots)
+        params.n_batch = params.n_ubatch = BATCH_TOKENS
+        params.n_seq_max = max(1, slots)
+        params.kv_unified = True  # one pool of cells: shared prefixes are shared cells
+        params.n_threads, params.n_threads_batch = threads, self.batch_threads
+        try:
+            from llama_cpp import _internals
+
+            self._ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
+        except ValueError as exc:
+            self._llama.close()
+            raise ModelCorrupt(f"{self.model_path}: llama.cpp could not create a context ({exc})") from exc
+        self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
+        self._slots = [_Slot(seq_id=i) for i in range(max(1, slots))]
+        self._pieces: dict[int, bytes] = {}
         self._grammars: dict[str, Any] = {}
         self._grammar_lock = threading.Lock()
         self._template = self._compile_template()
+        # Scheduler state, guarded by ``_wake``.
+        self._wake = threading.Condition()
+        self._waiting: list[_Job] = []
+        self._jobs: set[_Job] = set()
+        self._running = 0
         self._closed = False
-        # The first evaluation allocates compute buffers and pages the weights in.
-        for replica in self._replicas:
-            replica.create_completion(self._tokenize("Hello"), max_tokens=2, temperature=0.0)
+        self._warm_up()
+        self._thread = threading.Thread(target=self._run, name=f"llm-{model_id}", daemon=True)
+        self._thread.start()
+
+    def _warm_up(self) -> None:
+        """The first decode allocates compute buffers and pages the weights in."""
+        tokens = self._tokenize("Hello")
+        self._fill([(t, i, 0, i == len(tokens) - 1) for i, t in enumerate(tokens)])
+        llama_cpp.llama_decode(self._ctx.ctx, self._batch)
+        llama_cpp.llama_memory_seq_rm(self._memory, 0, 0, -1)
 
     # -- prompts -----------------------------------------------------------------------------
     def _compile_template(self) -> Any:
@@ -239,6 +330,18 @@ class LlamaLlm:
         # Tokenising reads only the vocabulary, never the context, so it is safe beside a generation.
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:  # longer than the buffer: -n is the length needed
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[: max(0, n)]
+            self._pieces[token] = piece
+        return piece
+
     # -- grammar -----------------------------------------------------------------------------
     def grammar_text(self, schema: dict[str, Any]) -> str:
         from llama_cpp.llama_grammar import json_schema_to_gbnf
@@ -258,128 +361,20 @@ class LlamaLlm:
                 self._grammars[key] = grammar
             return grammar
 
-    # -- generation --------------------------------------------------------------------------
+    # -- generation: the event-loop side -------------------------------------------------------
     @property
     def queue_depth(self) -> int:
-        """Generations submitted and not finished (the running one included)."""
+        """Generations submitted and not finished (running ones included)."""
         return len(self._jobs)
 
     @property
     def busy(self) -> bool:
-        """True while a worker thread is inside a generation."""
-        return self._running_count > 0
+        """True while any generation holds a slot."""
+        return self._running > 0
 
     @property
-    def replicas(self) -> int:
-        return len(self._replicas)
-
-    def _acquire(self, tokens: list[int]) -> _Llama:
-        """A free context, preferring the one whose KV cache already holds most of ``tokens``.
-        There is always one: the executor runs at most one job per context."""
-        with self._pool_lock:
-            best = max(
-                range(len(self._free)),
-                key=lambda i: _common_prefix_np(
-                    np.asarray(self._free[i].input_ids[: self._free[i].n_tokens]),
-                    np.array(tokens, dtype=np.intc),
-                ),
-            )
-            llama = self._free.pop(best)
-            self._running_count += 1
-            return llama
-
-    def _release(self, llama: _Llama) -> None:
-        with self._pool_lock:
-            self._running_count -= 1
-            self._free.append(llama)
-
-    def _fit_threads(self, llama: _Llama) -> None:
-        """All threads while alone; a fair share while other contexts generate too (more threads
-        than cores make llama.cpp's per-layer barriers wait on descheduled threads)."""
-        if len(self._replicas) == 1:
-            return
-        share = max(1, self.threads // max(1, self._running_count))
-        batch = max(1, self.batch_threads // max(1, self._running_count))
-        if (share, batch) != getattr(llama, "_fitted_threads", None):
-            llama_cpp.llama_set_n_threads(llama._ctx.ctx, share, batch)
-            llama._fitted_threads = (share, batch)  # type: ignore[attr-defined]
-
-    def _generate(
-        self, job: _Job, prompt: str, max_tokens: int, temperature: float,
-        json_schema: dict[str, Any] | None, stop: list[str], gbnf: str | None = None,
-        cache_key: str | None = None, save_state: bool = True,
-    ) -> None:  # fmt: skip
-        """Worker thread: run one completion, posting text pieces to ``job``; always posts _END."""
-        stats = job.stats
-        started = time.monotonic()
-        stats.queued_s = started - job.submitted
-        job.started.set()
-        llama: _Llama | None = None
-        try:
-            if job.stop.is_set():
-                stats.finish = "cancelled"
-                return
-            grammar = (
-                self._grammar(json_schema, gbnf) if json_schema is not None or gbnf is not None else None
-            )
-            tokens = self._tokenize(prompt)
-            stats.prompt_tokens = len(tokens)
-            if len(tokens) + 1 >= self.context_size:
-                raise PromptTooLong(
-                    f"prompt of {len(tokens)} tokens does not fit {self.model_id}'s context of "
-                    f"{self.context_size}"
-                )
-            llama = self._acquire(tokens)
-            self._fit_threads(llama)
-            stats.restored_tokens = self._states.restore(llama, tokens)
-            stats.cached_tokens = _common_prefix(llama._input_ids.tolist(), tokens)
-            stats.finish = "length"
-
-            def after_token(_ids: Any, _logits: Any) -> bool:
-                # Runs after every sampled token, including ones held back while a stop string may
-                # be forming, so cancellation never waits for the next visible piece.
-                stats.completion_tokens += 1
-                self._fit_threads(llama)
-                if not job.stop.is_set():
-                    # Urgent work (a first clause being synthesized) runs alone; the rest of this
-                    # generation only has to stay ahead of the audio already playing.
-                    CPU.yield_to_urgent(URGENT_MAX_WAIT_S)
-                return job.stop.is_set()
-
-            chunks = llama.create_completion(
-                tokens, max_tokens=max_tokens, temperature=temperature, stop=stop or [],
-                grammar=grammar, stream=True, stopping_criteria=llama_cpp.StoppingCriteriaList([after_token]),
-            )  # fmt: skip
-            for chunk in cast(Iterator[dict[str, Any]], chunks):
-                choice = chunk["choices"][0]
-                text: str = choice["text"]
-                if text:
-                    if stats.first_token_s is None:
-                        stats.first_token_s = time.monotonic() - started
-                    if not job.send(text):
-                        break
-                if choice.get("finish_reason"):
-                    stats.finish = choice["finish_reason"]
-            if job.stop.is_set():
-                stats.finish = "cancelled"
-            if save_state:
-                self._states.save(llama, cache_key)
-        except Exception:
-            stats.finish = "error"
-            raise
-        finally:
-            stats.total_s = time.monotonic() - started
-            self.last_stats = stats
-            log.info(
-                "llm %s: prompt %d tokens (%d cached, %d restored), %d generated, queued %.0f ms, "
-                "first token %.0f ms, %.1f tokens/s, %s",
-                self.model_id, stats.prompt_tokens, stats.cached_tokens, stats.restored_tokens,
-                stats.completion_tokens, stats.queued_s * 1000, (stats.first_token_s or 0) * 1000,
-                stats.tokens_per_s, stats.finish,
-            )  # fmt: skip
-            if llama is not None:
-                self._release(llama)
-            job.post(_END)
+    def slots(self) -> int:
+        return len(self._slots)
 
     async def stream(
         self,
@@ -392,150 +387,273 @@ class LlamaLlm:
         grammar: str | None = None,
         cache_key: str | None = None,
         save_state: bool = True,
+        background: bool = False,
     ) -> AsyncGenerator[str, None]:
         """See ``LlmEngine.stream``. ``grammar``: raw GBNF instead of ``json_schema``.
-        ``cache_key`` names the conversation: its saved KV state replaces the previous one under the
-        same key, so interleaved calls keep one state each. ``save_state=False``: a step whose
-        state the next one supersedes at once (not worth a copy, nor the room it would take)."""
+        ``cache_key`` names the conversation, which then keeps returning to the same slot.
+        ``background``: nobody is waiting for this (a prewarm); it yields to urgent generations.
+        ``save_state`` is accepted for the protocol; slots keep every state anyway."""
+        del save_state
         if json_schema is not None and grammar is not None:
             raise ValueError("give json_schema or grammar, not both")
         if self._closed:
             raise RuntimeError(f"LLM {self.model_id} is closed")
-        loop = asyncio.get_running_loop()
-        job = _Job(loop)
-        self._jobs.add(job)
-        future = loop.run_in_executor(
-            self._executor, self._generate, job, prompt, max_tokens, temperature, json_schema, list(stop),
-            grammar, cache_key, save_state,
+        compiled = (
+            self._grammar(json_schema, grammar) if json_schema is not None or grammar is not None else None
+        )
+        tokens = self._tokenize(prompt)
+        if not tokens or len(tokens) + 1 >= self.context_size:
+            raise PromptTooLong(
+                f"prompt of {len(tokens)} tokens does not fit {self.model_id}'s context of "
+                f"{self.context_size}"
+            )
+        job = _Job(
+            asyncio.get_running_loop(), tokens, max_tokens, temperature, compiled, list(stop),
+            cache_key, background,
         )  # fmt: skip
+        job.stats.prompt_tokens = len(tokens)
+        with self._wake:
+            self._jobs.add(job)
+            self._waiting.append(job)
+            self._wake.notify()
         try:
             while True:
                 item = await job.queue.get()
                 if item is _END:
                     break
-                job.credits.release()
+                if isinstance(item, BaseException):
+                    raise item
+                job.taken += 1
+                if job.sent - job.taken == QUEUE_SIZE - 1:
+                    with self._wake:  # there is room again: the scheduler may be waiting for it
+                        self._wake.notify()
                 yield str(item)
-            await future  # re-raises the worker's exception, if any
         finally:
-            job.cancel()
-            if not job.started.is_set():
-                future.cancel()  # still queued behind another generation: drop it from the queue
-            # The worker checks the flag after every token, so this waits for one token at most
-            # and no further tokens are computed once we return.
-            await asyncio.wait([future])
-            if not future.cancelled():
-                future.exception()  # mark retrieved; it was raised above if it mattered
-            self._jobs.discard(job)
+            job.stop.set()
+            with self._wake:
+                if job in self._waiting:  # never started: nothing to stop
+                    self._waiting.remove(job)
+                    self._jobs.discard(job)
+                    job.finished.set()
+                self._wake.notify()
+            # The scheduler retires a stopped job at the end of its current step, so this waits
+            # for one step at most and no tokens are computed for it once we return.
+            await job.finished.wait()
 
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        for job in list(self._jobs):
-            job.cancel()
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        self._states = _PrefixStates(0)
-        for replica in self._replicas:
-            replica.close()
+        with self._wake:
+            self._closed = True
+            for job in self._jobs:
+                job.stop.set()
+            self._wake.notify()
+        self._thread.join()
+        llama_cpp.llama_batch_free(self._batch)
+        self._ctx.close()
+        self._llama.close()
 
+    # -- generation: the scheduler thread ------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._retire_stopped()
+                self._admit()
+                running = [s.job for s in self._slots if s.job is not None]
+                ready = [j for j in running if j.pending and j.sent - j.taken < QUEUE_SIZE]
+                if not ready:
+                    if self._closed and not running and not self._waiting:
+                        return
+                    self._wake.wait(timeout=0.5)
+                    continue
+            try:
+                self._step(ready)
+            except Exception as exc:  # never let one bad step kill the engine for every call
+                log.exception("llm %s: decode step failed", self.model_id)
+                for job in ready:
+                    self._finish(job, "error", exc)
 
-class _PrefixStates:
-    """KV-cache snapshots of recent conversations, so interleaved conversations keep their prefixes.
+    def _retire_stopped(self) -> None:
+        for slot in self._slots:
+            job = slot.job
+            if job is not None and (job.stop.is_set() or self._closed):
+                self._finish(job, "cancelled")
+        if self._closed:
+            for job in self._waiting:
+                job.post(RuntimeError(f"LLM {self.model_id} is closed"))
+                self._jobs.discard(job)
+                job.retired()
+            self._waiting.clear()
 
-    llama.cpp keeps one evaluated sequence; with several calls taking turns on one engine, each turn
-    would otherwise re-evaluate its whole system prompt and history (seconds on 2 cores). After each
-    generation the sequence's KV cells are copied out (~12 KB per token for Qwen2.5-0.5B); before
-    the next, the snapshot sharing the longest prefix with the new prompt is copied back in when it
-    beats what is already loaded. (llama-cpp-python's own LlamaRAMCache also copies a
-    (n_batch x vocabulary) logits array per save, hundreds of MB here, so it is not used.)
-    """
+    def _admit(self) -> None:
+        """Give waiting generations a slot each, oldest first."""
+        while self._waiting:
+            job = self._waiting[0]
+            slot = self._free_slot(job)
+            if slot is None:
+                return
+            self._waiting.pop(0)
+            self._start(job, slot)
 
-    MIN_TOKENS = 64  # shorter prefixes are cheaper to re-evaluate than to keep
+    def _free_slot(self, job: _Job) -> _Slot | None:
+        free = [s for s in self._slots if s.job is None]
+        if not free:
+            return None
+        if job.cache_key is not None:
+            for slot in free:
+                if slot.owner == job.cache_key:
+                    return slot
+        # An empty slot, else the least recently used; ``_start`` copies any shared prefix over.
+        return max(free, key=lambda s: (not s.tokens, -s.last_used))
 
-    def __init__(self, capacity_bytes: int):
-        self.capacity_bytes = capacity_bytes
-        self._states: OrderedDict[bytes, tuple[npt.NDArray[np.intc], bytes]] = OrderedDict()
-        self._by_key: dict[str, bytes] = {}  # conversation -> its state's key in ``_states``
-        self._size = 0
-        self._lock = threading.RLock()  # several contexts save and restore from their own threads
+    def _start(self, job: _Job, slot: _Slot) -> None:
+        now = time.monotonic()
+        job.started = job.last_step = now
+        job.stats.queued_s = now - job.submitted
+        job.slot, slot.job, slot.owner = slot, job, job.cache_key
+        self._running += 1
+        prompt = np.asarray(job.prompt, dtype=np.intc)
+        own = _common_prefix(np.asarray(slot.tokens, dtype=np.intc), prompt)
+        donor, shared = slot, own
+        for other in self._slots:
+            if other is not slot:
+                n = _common_prefix(np.asarray(other.tokens, dtype=np.intc), prompt)
+                if n > shared:
+                    donor, shared = other, n
+        if donor is not slot and shared - own >= MIN_SHARED_PREFIX:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+            llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, 0, shared)
+            slot.tokens = job.prompt[:shared]
+            job.stats.restored_tokens = shared
+            own = shared
+        keep = min(own, len(job.prompt) - 1)  # the last prompt token is evaluated again for its logits
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
+        del slot.tokens[keep:]
+        job.stats.cached_tokens = keep
+        job.pending = job.prompt[keep:]
+        job.text = _TextOut(job.stop_strings)
+        if job.max_tokens > 0:
+            job.sampler = _GrammarFirstSampler(
+                self._vocab,
+                self._n_vocab,
+                job.grammar,
+                temp=job.temperature,
+                full_mask=not self.grammar_first,
+            )
 
-    def __len__(self) -> int:
-        return len(self._states)
-
-    def save(self, llama: llama_cpp.Llama, conversation: str | None = None) -> None:
-        with self._lock:
-            self._save(llama, conversation)
-
-    def _save(self, llama: llama_cpp.Llama, conversation: str | None) -> None:
-        n = llama.n_tokens
-        if n < self.MIN_TOKENS or self.capacity_bytes <= 0:
+    def _step(self, ready: list[_Job]) -> None:
+        """One ``llama_decode`` over the chosen sequences, then a token sampled for each that has
+        read all its input."""
+        now = time.monotonic()
+        urgent = [j for j in ready if j.urgent]
+        if urgent:
+            starved = [j for j in ready if not j.urgent and now - j.last_step >= BACKGROUND_MAX_WAIT_S]
+            chosen = urgent + starved
+        else:
+            CPU.yield_to_urgent(URGENT_MAX_WAIT_S)
+            chosen = ready
+        entries: list[tuple[int, int, int, bool]] = []
+        plan: list[tuple[_Job, int, int | None]] = []  # job, tokens taken, its logits row
+        budget = BATCH_TOKENS
+        for job in sorted(chosen, key=lambda j: len(j.pending)):  # decoders first, then prompts
+            assert job.slot is not None
+            take = min(len(job.pending), budget if job.urgent else min(budget, BACKGROUND_PROMPT_CHUNK))
+            if take <= 0:
+                continue
+            budget -= take
+            base, seq = len(job.slot.tokens), job.slot.seq_id
+            complete = take == len(job.pending)
+            for i, token in enumerate(job.pending[:take]):
+                entries.append((token, base + i, seq, complete and i == take - 1))
+            plan.append((job, take, len(entries) - 1 if complete else None))
+        if not entries:
             return
-        tokens = np.array(llama.input_ids[:n], dtype=np.intc)
-        key = tokens.tobytes()
-        if key in self._states:
-            self._states.move_to_end(key)
-            previous = self._by_key.get(conversation) if conversation else None
-            if previous is not None and previous != key and previous in self._states:
-                self._drop(previous)
-            if conversation:
-                self._by_key[conversation] = key
+        self._fill(entries)
+        code = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code} ({len(entries)} tokens, {len(plan)} sequences)")
+        done_at = time.monotonic()
+        for job, take, _ in plan:
+            assert job.slot is not None
+            job.slot.tokens.extend(job.pending[:take])
+            del job.pending[:take]
+            job.last_step = done_at
+            job.stats.batch_peak = max(job.stats.batch_peak, len(plan))
+        for job, _, row in plan:
+            if row is not None:
+                self._sample(job, row)
+
+    def _fill(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        batch = self._batch
+        batch.n_tokens = len(entries)
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = logits
+
+    def _sample(self, job: _Job, index: int) -> None:
+        stats = job.stats
+        if job.max_tokens <= 0 or job.sampler is None:
+            self._finish(job, "length")
             return
-        ctx = llama._ctx.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
-        if not 0 < written <= size:
+        row = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
+        logits = np.ctypeslib.as_array(row, shape=(self._n_vocab,))
+        token = job.sampler.sample(logits)
+        stats.completion_tokens += 1
+        if stats.first_token_s is None:
+            stats.first_token_s = time.monotonic() - job.started
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(job, "stop")
             return
-        # An earlier state of the same conversation (named, or a prefix of this one) is superseded.
-        previous = self._by_key.get(conversation) if conversation else None
-        for old in [
-            k for k, (t, _) in self._states.items() if k == previous or _common_prefix_np(t, tokens) == len(t)
-        ]:
-            self._drop(old)
-        if conversation:
-            self._by_key[conversation] = key
-        self._states[key] = (tokens, ctypes.string_at(buf, written))
-        self._size += written
-        while self._size > self.capacity_bytes and self._states:
-            self._drop(next(iter(self._states)))
+        assert job.text is not None
+        text, stopped = job.text.feed(self._piece(token))
+        if text:
+            job.sent += 1
+            job.post(text)
+        if stopped:
+            self._finish(job, "stop")
+        elif stats.completion_tokens >= job.max_tokens:
+            self._finish(job, "length")
+        else:
+            job.pending = [token]
 
-    def restore(self, llama: llama_cpp.Llama, prompt: list[int]) -> int:
-        """Load the snapshot sharing the longest prefix with ``prompt`` if it beats the KV cache
-        already in place; returns the length of that shared prefix (0 if nothing was loaded)."""
-        with self._lock:
-            return self._restore(llama, prompt)
-
-    def _restore(self, llama: llama_cpp.Llama, prompt: list[int]) -> int:
-        target = np.array(prompt, dtype=np.intc)
-        current = _common_prefix_np(np.asarray(llama.input_ids[: llama.n_tokens]), target)
-        best_key, best = None, current
-        for key, (tokens, _) in self._states.items():
-            shared = _common_prefix_np(tokens, target)
-            if shared > best:
-                best_key, best = key, shared
-        if best_key is None or best - current < self.MIN_TOKENS:
-            return 0
-        tokens, data = self._states[best_key]
-        self._states.move_to_end(best_key)
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if llama_cpp.llama_state_seq_set_data(llama._ctx.ctx, buf, len(data), 0) != len(data):
-            # The sequence may be half-written: make llama-cpp-python evaluate from scratch.
-            llama.reset()
-            llama._ctx.kv_cache_seq_rm(-1, 0, -1)
-            return 0
-        llama.input_ids[: len(tokens)] = tokens
-        llama.n_tokens = len(tokens)
-        llama._requires_eval = True  # no logits for the restored state: the last token is replayed
-        return best
-
-    def _drop(self, key: bytes) -> None:
-        _, data = self._states.pop(key)
-        self._size -= len(data)
-        for name in [n for n, k in self._by_key.items() if k == key]:
-            del self._by_key[name]
+    def _finish(self, job: _Job, finish: str, error: BaseException | None = None) -> None:
+        """Retire a running job: free its slot, report, wake its consumer."""
+        slot = job.slot
+        if slot is None or slot.job is not job:
+            return
+        stats = job.stats
+        stats.finish = finish
+        stats.total_s = time.monotonic() - job.started
+        if finish in ("stop", "length") and job.text is not None:
+            rest = job.text.flush()
+            if rest:
+                job.post(rest)
+        if error is not None:
+            # The slot's cells may be half-written: forget them.
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+            slot.tokens.clear()
+            job.post(error)
+        job.pending = []
+        slot.job, slot.last_used = None, time.monotonic()
+        self._running -= 1
+        self.last_stats = stats
+        log.info(
+            "llm %s: prompt %d tokens (%d cached, %d copied), %d generated, queued %.0f ms, "
+            "first token %.0f ms, %.1f tokens/s, batch up to %d, %s",
+            self.model_id, stats.prompt_tokens, stats.cached_tokens, stats.restored_tokens,
+            stats.completion_tokens, stats.queued_s * 1000, (stats.first_token_s or 0) * 1000,
+            stats.tokens_per_s, stats.batch_peak, stats.finish,
+        )  # fmt: skip
+        job.post(_END)
+        with self._wake:
+            self._jobs.discard(job)
+        job.retired()
 
 
-def _common_prefix_np(a: npt.NDArray[np.intc], b: npt.NDArray[np.intc]) -> int:
+def _common_prefix(a: npt.NDArray[np.intc], b: npt.NDArray[np.intc]) -> int:
     n = min(len(a), len(b))
     differ = np.flatnonzero(a[:n] != b[:n])
     return int(differ[0]) if len(differ) else n
@@ -545,42 +663,47 @@ _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float3
 
 
 class _GrammarFirstSampler:
-    """Grammar-constrained sampling that asks the grammar about a few tokens, not the vocabulary.
+    """Sampling from one row of logits, optionally grammar-constrained, asking the grammar about a
+    few tokens rather than the whole vocabulary.
 
     llama.cpp's grammar sampler tests every vocabulary entry against the grammar at every step; with
     Qwen's 152k-token vocabulary that single-threaded work costs more than the forward pass itself
-    (measured: a call's reply at 11 tokens/s instead of 22). Greedy (``temperature == 0``): take
-    the argmax and ask the grammar about that one token, then about the ``top_k`` best. Sampled:
-    ask it about the ``top_k`` best tokens only, then apply top-p, min-p and the temperature among
-    those it allows, as llama.cpp's chain does. Only when none of them is allowed is the whole
-    vocabulary masked. Greedy results are exact; sampled ones differ from llama.cpp's order
-    (grammar first, then top-k) only when fewer than ``top_k`` of the best tokens are allowed, in
-    the tail that top-p and min-p cut anyway.
+    (measured: a call's reply at 11 tokens/s instead of 22). Greedy (``temp == 0``): take the
+    argmax and ask the grammar about that one token, then about the ``top_k`` best. Sampled: ask it
+    about the ``top_k`` best tokens only, then apply top-p, min-p and the temperature among those
+    it allows, as llama.cpp's chain does. Only when none of them is allowed is the whole vocabulary
+    masked (``full_mask``: always, for comparison). Greedy results are exact; sampled ones differ
+    from llama.cpp's order (grammar first, then top-k) only when fewer than ``top_k`` of the best
+    tokens are allowed, in the tail that top-p and min-p cut anyway.
     """
 
     def __init__(
         self,
-        llama: llama_cpp.Llama,
-        grammar: llama_cpp.LlamaGrammar,
+        vocab: Any,
+        n_vocab: int,
+        grammar: llama_cpp.LlamaGrammar | None,
         *,
         temp: float = 0.0,
         top_k: int = 40,
         top_p: float = 0.95,
         min_p: float = 0.05,
         seed: int | None = None,
+        full_mask: bool = False,
     ):
-        self._vocab = llama._model.vocab
-        self._n_vocab = llama.n_vocab()
-        ptr = llama_cpp.llama_sampler_init_grammar(
-            self._vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
-        )
-        if not ptr:
-            raise ValueError("llama.cpp could not parse the grammar")
-        self._grammar = ptr
-        # Freed when generate() replaces this sampler with the next one and it is collected.
-        weakref.finalize(self, llama_cpp.llama_sampler_free, ptr)
+        self._vocab = vocab
+        self._n_vocab = n_vocab
+        self._grammar: Any = None
+        if grammar is not None:
+            ptr = llama_cpp.llama_sampler_init_grammar(
+                vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+            )
+            if not ptr:
+                raise ValueError("llama.cpp could not parse the grammar")
+            self._grammar = ptr
+            weakref.finalize(self, llama_cpp.llama_sampler_free, ptr)
+        self.full_mask = full_mask
         self.temp = temp
-        self.top_k = max(1, min(top_k if top_k > 0 else 40, self._n_vocab))
+        self.top_k = max(1, min(top_k if top_k > 0 else 40, n_vocab))
         self.top_p = top_p
         self.min_p = min_p
         self._rng = np.random.default_rng(seed)
@@ -588,15 +711,11 @@ class _GrammarFirstSampler:
         self._some_p = llama_cpp.llama_token_data_array(
             data=self._some.ctypes.data_as(llama_cpp.llama_token_data_p), size=1, selected=-1, sorted=False
         )
-        self._all = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
-        self._all_p = llama_cpp.llama_token_data_array(
-            data=self._all.ctypes.data_as(llama_cpp.llama_token_data_p),
-            size=self._n_vocab, selected=-1, sorted=False,
-        )  # fmt: skip
-        self._ids = np.arange(self._n_vocab, dtype=np.int32)
 
     def _allowed(self, ids: npt.NDArray[np.int32], logits: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
         """Which of ``ids`` (at most ``top_k``) the grammar allows next."""
+        if self._grammar is None:
+            return np.ones(len(ids), dtype=bool)
         n = len(ids)
         self._some["id"][:n] = ids
         self._some["logit"][:n] = logits
@@ -605,22 +724,35 @@ class _GrammarFirstSampler:
         return np.isfinite(self._some["logit"][:n])
 
     def _mask_all(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        self._all["id"] = self._ids
-        self._all["logit"] = logits
-        self._all_p.size, self._all_p.selected = self._n_vocab, -1
-        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._all_p))
-        masked: npt.NDArray[np.float32] = self._all["logit"].copy()
+        every = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
+        every["id"] = np.arange(self._n_vocab, dtype=np.int32)
+        every["logit"] = logits
+        array = llama_cpp.llama_token_data_array(
+            data=every.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=self._n_vocab,
+            selected=-1,
+            sorted=False,
+        )
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        masked: npt.NDArray[np.float32] = every["logit"].copy()
         return masked
 
-    def sample(self, ctx: Any, idx: int = -1) -> int:
-        logits_p = llama_cpp.llama_get_logits_ith(ctx.ctx, idx)
-        logits = np.ctypeslib.as_array(logits_p, shape=(self._n_vocab,))
+    def _top(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.int32]:
+        top = np.argpartition(logits, -self.top_k)[-self.top_k :].astype(np.int32)
+        ordered: npt.NDArray[np.int32] = top[np.argsort(-logits[top], kind="stable")]
+        return ordered
+
+    def sample(self, logits: npt.NDArray[np.float32]) -> int:
+        """The next token from one row of logits (``n_vocab`` floats); the grammar accepts it."""
+        if self._grammar is not None and self.full_mask:
+            logits = self._mask_all(logits)
+            if not np.isfinite(logits).any():
+                return self._nothing_allowed()
         if self.temp <= 0.0:
             token = int(np.argmax(logits))
             if not self._allowed(np.array([token], dtype=np.int32), logits[[token]])[0]:
                 # Rejected: the best allowed token is usually among the next best few.
-                top = np.argpartition(logits, -self.top_k)[-self.top_k :].astype(np.int32)
-                top = top[np.argsort(-logits[top], kind="stable")]
+                top = self._top(logits)
                 allowed = np.flatnonzero(self._allowed(top, logits[top]))
                 if allowed.size:
                     token = int(top[allowed[0]])
@@ -630,8 +762,7 @@ class _GrammarFirstSampler:
                     if not np.isfinite(masked[token]):
                         return self._nothing_allowed()
         else:
-            top = np.argpartition(logits, -self.top_k)[-self.top_k :].astype(np.int32)
-            top = top[np.argsort(-logits[top], kind="stable")]
+            top = self._top(logits)
             ok = self._allowed(top, logits[top])
             ids, values = top[ok], logits[top][ok]
             if ids.size == 0:  # none of the best is allowed: mask the whole vocabulary
@@ -642,7 +773,8 @@ class _GrammarFirstSampler:
                 ids = ids[np.argsort(-masked[ids], kind="stable")][: self.top_k]
                 values = masked[ids]
             token = self._draw(ids, values.astype(np.float64))
-        llama_cpp.llama_sampler_accept(self._grammar, token)
+        if self._grammar is not None:
+            llama_cpp.llama_sampler_accept(self._grammar, token)
         return token
 
     def _draw(self, ids: npt.NDArray[np.int32], logits: npt.NDArray[np.float64]) -> int:
@@ -661,37 +793,3 @@ class _GrammarFirstSampler:
         # Cannot happen with a well-formed grammar: end the output rather than feed the grammar a
         # token it rejects, which aborts inside llama.cpp.
         return int(llama_cpp.llama_vocab_eos(self._vocab))
-
-
-class _Llama(llama_cpp.Llama):
-    """``Llama`` with the grammar-first sampler for constrained generations."""
-
-    grammar_first = True  # False: llama.cpp's own full-vocabulary grammar sampler (for comparison)
-
-    def _init_sampler(self, **kwargs: Any) -> Any:  # type: ignore[override]
-        plain = (
-            kwargs.get("logits_processor") is None
-            and kwargs.get("repeat_penalty", 1.0) == 1.0
-            and kwargs.get("frequency_penalty", 0.0) == 0.0
-            and kwargs.get("presence_penalty", 0.0) == 0.0
-            and kwargs.get("mirostat_mode", 0) == 0
-            and kwargs.get("typical_p", 1.0) == 1.0
-            and kwargs.get("temp", 0.8) >= 0.0
-        )
-        if kwargs.get("grammar") is not None and plain and self.grammar_first:
-            seed = self._seed if 0 <= self._seed < 0xFFFFFFFF else None
-            return _GrammarFirstSampler(
-                self, kwargs["grammar"], temp=float(kwargs.get("temp", 0.8)),
-                top_k=int(kwargs.get("top_k", 40)), top_p=float(kwargs.get("top_p", 0.95)),
-                min_p=float(kwargs.get("min_p", 0.05)), seed=seed,
-            )  # fmt: skip
-        return super()._init_sampler(**kwargs)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

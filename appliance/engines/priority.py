@@ -2,10 +2,10 @@
 
 On a 2-core box every engine competes for the same cores, and llama.cpp's threads, which meet at a
 barrier after every layer, slow down badly when anything else runs beside them. Some work is
-latency-critical: synthesizing the first clause of a reply, while the caller waits in silence.
-The rest of the reply's generation is not (it only has to stay ahead of the audio already
-playing). ``CpuPriority`` lets urgent work say so; the LLM checks it between tokens and waits,
-bounded, while urgent work runs.
+latency-critical: transcribing a turn and synthesizing the first clause of a reply, while the
+caller waits in silence. The rest of a reply's generation is not (it only has to stay ahead of the
+audio already playing). ``CpuPriority`` lets urgent work say so; the LLM checks it before each
+step that holds only background work and waits, bounded, while urgent work runs.
 
 Measured on this 2-core box (scripts/bench_call): a first clause synthesized beside a running
 generation took ~210 ms; alone, with both cores, ~130 ms.

@@ -62,7 +62,7 @@ class EngineRegistry:
             context = min(s.llm.context_size, int(spec.params.get("context_size", s.llm.context_size)))
             return LlamaLlm(
                 model_id, path / "model.gguf", context_size=context, threads=s.threads.llm,
-                batch_threads=s.threads.llm_batch or s.threads.llm, replicas=s.llm.replicas,
+                batch_threads=s.threads.llm_batch or s.threads.llm, slots=s.llm.slots,
                 gpu_layers=s.gpu.llm_gpu_layers,
             )  # fmt: skip
         if role == "tts":

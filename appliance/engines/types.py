@@ -64,12 +64,14 @@ class LlmEngine(Protocol):
         grammar: str | None = None,
         cache_key: str | None = None,
         save_state: bool = True,
+        background: bool = False,
     ) -> AsyncIterator[str]:
         """Stream text pieces of the completion of a raw (already templated) prompt. With
         ``json_schema`` the output is constrained by a grammar built from it; with ``grammar`` by
         that GBNF text (engines that cannot take one raise ``NotImplementedError``). Closing the
         iterator (``aclose`` or cancelling the consumer) stops generation at the next token.
-        ``cache_key``/``save_state``: hints for engines that keep per-conversation prompt caches."""
+        ``cache_key``/``save_state``: hints for engines that keep per-conversation prompt caches.
+        ``background``: nobody waits for this one (a prewarm); engines may let other work go first."""
         ...
 
     def format_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:

@@ -48,3 +48,28 @@ def test_run_on_text_is_cut_at_a_word_boundary() -> None:
 
 def test_punctuation_only_is_not_speakable() -> None:
     assert feed("... !") == []
+
+
+def test_first_clause_may_end_where_a_phrase_starts() -> None:
+    text = "The ten of clubs is a card in every standard deck. It is black."
+    clauses = [c for _, c in feed(text, first_phrase_words=3)]
+    assert clauses == ["The ten of clubs", "is a card in every standard deck.", "It is black."]
+    # Only the first clause: later ones wait for punctuation as before.
+    assert [c for _, c in feed(text)] == [
+        "The ten of clubs is a card in every standard deck.",
+        "It is black.",
+    ]
+
+
+def test_phrase_cut_needs_enough_words_and_a_complete_word() -> None:
+    # "of" and "to" bind too tightly to cut before; "is" at the second word is too early; a verb
+    # after "what" or a pronoun belongs with it.
+    for text in ("It is ten to five of course.", "You said what are your hours.", "So now it is late."):
+        assert [c for _, c in feed(text, first_phrase_words=3)] == [text]
+    ch = ClauseChunker(first_phrase_words=3)
+    assert ch.push("We have the seven of clubs is") == []  # "is" may still grow into "island"
+    assert ch.push("land.") == []
+    assert ch.push(" Yes") == ["We have the seven of clubs island."]
+    ch = ClauseChunker(first_phrase_words=3)
+    assert ch.push("We have the seven of clubs in ") == ["We have the seven of clubs"]
+    assert ch.push("stock. ") == ["in stock."]

@@ -366,6 +366,7 @@ class GrammarLlm(ScriptedLlm):
         super().__init__(outputs, **kwargs)
         self.grammars: list[str | None] = []
         self.cache: list[tuple[str | None, bool]] = []
+        self.background: list[bool] = []
 
     async def stream(  # type: ignore[override]
         self,
@@ -378,10 +379,12 @@ class GrammarLlm(ScriptedLlm):
         grammar: str | None = None,
         cache_key: str | None = None,
         save_state: bool = True,
+        background: bool = False,
     ) -> AsyncIterator[str]:
         assert json_schema is None or grammar is None
         self.grammars.append(grammar)
         self.cache.append((cache_key, save_state))
+        self.background.append(background)
         async for piece in super().stream(
             prompt, max_tokens=max_tokens, temperature=temperature, json_schema=json_schema
         ):
@@ -438,3 +441,16 @@ async def test_prewarm_evaluates_up_to_the_next_user_message_and_yields_to_other
     llm.queue_depth = 1  # type: ignore[attr-defined]  # another call's generation is running
     await conversation.prewarm()
     assert len(llm.prompts) == 1
+
+
+async def test_prewarm_runs_as_background_work_on_an_engine_that_schedules_it(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = GrammarLlm(["x"])
+    llm.schedules_background = True  # type: ignore[attr-defined]
+    llm.queue_depth = 1  # type: ignore[attr-defined]  # another call's generation is running
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    conversation.add_assistant_message("Welcome!")
+    await conversation.prewarm()
+    assert len(llm.prompts) == 1 and llm.prompts[0].endswith("<user>")
+    assert llm.background == [True]
