@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
 
-from ..engines.types import LlmEngine
+from ..engines.types import ChoiceDiffers, LlmEngine
 from .dispatch import Dispatcher
 from .prompt import HistoryItem, build_prompt, clock, few_shot, system_message, turn_groups
 from .tools import (
     BUILTINS,
     FIRST_KEY_GRAMMAR,
+    KEY_OPENING,
     REFUSAL_PREFIX_CHARS,
     SAY_OPENING,
     Answer,
@@ -371,36 +372,47 @@ class Conversation:
         started = time.monotonic()
         finished = False
         try:
-            text, grammar = prompt.text, None
+            text, grammar, choice = prompt.text, None, None
             if speech and getattr(self.llm, "supports_grammar", False):
                 # The first key decides speech or a call. Speech then goes on after '{"say": "' fed
                 # with the prompt, sparing the decode steps the model would spend writing it
-                # (~200 ms on a 2-core CPU) before its first spoken word.
-                key = await self._first_key(prompt.text) if allowed else "say"
+                # (~200 ms on a 2-core CPU) before its first spoken word. Engines that can check
+                # the key in the same decode (``choice_at``) assume speech and say if it was not.
+                fused = bool(allowed) and getattr(self.llm, "supports_choice", False)
+                key = await self._first_key(prompt.text) if allowed and not fused else "say"
                 generation.first_key = key
                 if key == "say":
                     text = prompt.text + SAY_OPENING
                     grammar, schema = say_body_grammar(say_max_chars(self.agent.max_tokens)), None
                     parser.feed(SAY_OPENING)
+                    if fused:
+                        choice = (len(prompt.text) + len(KEY_OPENING), FIRST_KEY_GRAMMAR, "s")
                 else:
                     schema = function_choice_schema(allowed)
-            stream = self.llm.stream(
-                text,
-                max_tokens=max_tokens,
-                temperature=self.agent.temperature,
-                **({"grammar": grammar} if grammar is not None else {"json_schema": schema}),
-                **self._cache_options(),
-            )
-            async with contextlib.aclosing(stream) as pieces:  # type: ignore[type-var]
-                async for piece in pieces:
-                    if generation.first_piece_s is None:
-                        generation.first_piece_s = time.monotonic() - started
-                    generation.pieces += 1
-                    delta = parser.feed(piece)
-                    if delta:
-                        if generation.first_text_s is None:
-                            generation.first_text_s = time.monotonic() - started
-                        yield delta
+            while True:
+                options: dict[str, Any] = self._cache_options()
+                options.update({"grammar": grammar} if grammar is not None else {"json_schema": schema})
+                if choice is not None:
+                    options["choice_at"] = choice
+                stream = self.llm.stream(
+                    text, max_tokens=max_tokens, temperature=self.agent.temperature, **options
+                )
+                try:
+                    async with contextlib.aclosing(stream) as pieces:  # type: ignore[type-var]
+                        async for piece in pieces:
+                            if generation.first_piece_s is None:
+                                generation.first_piece_s = time.monotonic() - started
+                            generation.pieces += 1
+                            delta = parser.feed(piece)
+                            if delta:
+                                if generation.first_text_s is None:
+                                    generation.first_text_s = time.monotonic() - started
+                                yield delta
+                    break
+                except ChoiceDiffers:
+                    # The model would call a function (raised before any text): generate that.
+                    generation.first_key, parser = "name", StreamingAnswer()
+                    text, grammar, schema, choice = prompt.text, None, function_choice_schema(allowed), None
             finished = True
         finally:
             generation.elapsed_s = time.monotonic() - started
@@ -425,7 +437,7 @@ class Conversation:
         """``say`` or ``name``: the key the model writes first in its answer object, greedily."""
         # One token decides: the grammar allows only "say" or "name" (or a prefix of them).
         stream = self.llm.stream(
-            prompt_text + '{"', max_tokens=1, temperature=0.0, grammar=FIRST_KEY_GRAMMAR,
+            prompt_text + KEY_OPENING, max_tokens=1, temperature=0.0, grammar=FIRST_KEY_GRAMMAR,
             **self._cache_options(save=False),  # the next step's state supersedes this one at once
         )  # fmt: skip
         chosen = ""

@@ -86,7 +86,8 @@ def output_schema(functions: Sequence[FunctionSpec], say_chars: int) -> dict[str
 
 # The fast path for engines that take raw grammars (see ``Conversation._generate``): the model's
 # first key decides between speech and a call; speech then continues after this opening.
-SAY_OPENING = '{"say": "'
+KEY_OPENING = '{"'  # what every answer object starts with, up to its first key
+SAY_OPENING = KEY_OPENING + 'say": "'
 FIRST_KEY_GRAMMAR = 'root ::= "say" | "name"'
 
 

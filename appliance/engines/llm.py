@@ -51,6 +51,7 @@ import numpy.typing as npt
 
 from ..model_manifest import ModelCorrupt, ModelNotInstalled
 from .priority import CPU
+from .types import ChoiceDiffers
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class GenerationStats:
     queued_s: float = 0.0  # waiting for a free slot
     first_token_s: float | None = None  # from the start of this generation (excludes queueing)
     total_s: float = 0.0
-    finish: str = ""  # "stop" | "length" | "cancelled" | "error"
+    finish: str = ""  # "stop" | "length" | "cancelled" | "error" | "choice" (see ``choice_at``)
     batch_peak: int = 0  # most sequences decoded in one step alongside this one (itself included)
 
     @property
@@ -147,6 +148,11 @@ class _Job:
     sampler: _GrammarFirstSampler | None = None
     last_step: float = 0.0
     text: _TextOut | None = None
+    # ``choice_at``: the prompt token whose logits must choose, greedily under ``check_grammar``,
+    # a text starting with ``check_expected`` before the rest of the prompt counts.
+    check_index: int = -1
+    check_grammar: Any = None
+    check_expected: str = ""
 
     @property
     def urgent(self) -> bool:
@@ -224,6 +230,7 @@ def tighten_string_chars(gbnf: str) -> str:
 
 class LlamaLlm:
     supports_grammar = True  # ``stream(grammar=...)`` takes raw GBNF
+    supports_choice = True  # ``stream(choice_at=...)``
     schedules_background = True  # ``stream(background=True)`` yields to urgent generations
 
     def __init__(
@@ -388,10 +395,16 @@ class LlamaLlm:
         cache_key: str | None = None,
         save_state: bool = True,
         background: bool = False,
+        choice_at: tuple[int, str, str] | None = None,
     ) -> AsyncGenerator[str, None]:
         """See ``LlmEngine.stream``. ``grammar``: raw GBNF instead of ``json_schema``.
         ``cache_key`` names the conversation, which then keeps returning to the same slot.
         ``background``: nobody is waiting for this (a prewarm); it yields to urgent generations.
+        ``choice_at=(offset, gbnf, expected)``: the prompt goes on past ``prompt[:offset]`` on an
+        assumption about what the model would write there (``{"say": "`` after ``{"``); the
+        greedy choice under ``gbnf`` at that point is checked in the same decode, and if it does
+        not start with ``expected`` the stream raises ``ChoiceDiffers`` before any text. One
+        decode instead of two generations.
         ``save_state`` is accepted for the protocol; slots keep every state anyway."""
         del save_state
         if json_schema is not None and grammar is not None:
@@ -412,6 +425,13 @@ class LlamaLlm:
             cache_key, background,
         )  # fmt: skip
         job.stats.prompt_tokens = len(tokens)
+        if choice_at is not None:
+            offset, check_gbnf, expected = choice_at
+            head = self._tokenize(prompt[:offset])
+            if not head or tokens[: len(head)] != head:
+                raise ValueError("choice_at must fall on a token boundary of the prompt")
+            job.check_index, job.check_expected = len(head) - 1, expected
+            job.check_grammar = self._grammar(None, check_gbnf)
         with self._wake:
             self._jobs.add(job)
             self._waiting.append(job)
@@ -527,6 +547,8 @@ class LlamaLlm:
             job.stats.restored_tokens = shared
             own = shared
         keep = min(own, len(job.prompt) - 1)  # the last prompt token is evaluated again for its logits
+        if job.check_index >= 0:
+            keep = min(keep, job.check_index)  # and the choosing one, if any
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
         del slot.tokens[keep:]
         job.stats.cached_tokens = keep
@@ -544,16 +566,20 @@ class LlamaLlm:
     def _step(self, ready: list[_Job]) -> None:
         """One ``llama_decode`` over the chosen sequences, then a token sampled for each that has
         read all its input."""
-        now = time.monotonic()
         urgent = [j for j in ready if j.urgent]
+        if not urgent or (CPU.urgent_now and all(j.sent for j in urgent)):
+            # Urgent work elsewhere (a transcription, a first clause's synthesis) is shorter than
+            # what is left of a first clause already under way: let it have the cores first.
+            CPU.yield_to_urgent(URGENT_MAX_WAIT_S)
+        now = time.monotonic()
         if urgent:
             starved = [j for j in ready if not j.urgent and now - j.last_step >= BACKGROUND_MAX_WAIT_S]
             chosen = urgent + starved
         else:
-            CPU.yield_to_urgent(URGENT_MAX_WAIT_S)
             chosen = ready
         entries: list[tuple[int, int, int, bool]] = []
         plan: list[tuple[_Job, int, int | None]] = []  # job, tokens taken, its logits row
+        checks: list[tuple[_Job, int]] = []  # job, the logits row of its ``choice_at`` token
         budget = BATCH_TOKENS
         for job in sorted(chosen, key=lambda j: len(j.pending)):  # decoders first, then prompts
             assert job.slot is not None
@@ -564,7 +590,10 @@ class LlamaLlm:
             base, seq = len(job.slot.tokens), job.slot.seq_id
             complete = take == len(job.pending)
             for i, token in enumerate(job.pending[:take]):
-                entries.append((token, base + i, seq, complete and i == take - 1))
+                check = base + i == job.check_index
+                if check:
+                    checks.append((job, len(entries)))
+                entries.append((token, base + i, seq, check or (complete and i == take - 1)))
             plan.append((job, take, len(entries) - 1 if complete else None))
         if not entries:
             return
@@ -579,9 +608,23 @@ class LlamaLlm:
             del job.pending[:take]
             job.last_step = done_at
             job.stats.batch_peak = max(job.stats.batch_peak, len(plan))
+        for job, check_row in checks:
+            self._check_choice(job, check_row)
         for job, _, row in plan:
-            if row is not None:
+            if row is not None and job.slot is not None and job.slot.job is job:  # unless a check retired it
                 self._sample(job, row)
+
+    def _check_choice(self, job: _Job, row: int) -> None:
+        """The greedy choice at the ``choice_at`` token: if it is not what the rest of the prompt
+        assumes, the generation ends with ``ChoiceDiffers`` before any text."""
+        sampler = _GrammarFirstSampler(self._vocab, self._n_vocab, job.check_grammar)
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self._ctx.ctx, row), shape=(self._n_vocab,)
+        )
+        chosen = self._piece(sampler.sample(logits)).decode("utf-8", errors="replace")
+        job.check_index = -1
+        if not chosen.strip().startswith(job.check_expected):
+            self._finish(job, "choice", ChoiceDiffers(chosen))
 
     def _fill(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
         batch = self._batch
@@ -631,7 +674,9 @@ class LlamaLlm:
             rest = job.text.flush()
             if rest:
                 job.post(rest)
-        if error is not None:
+        if isinstance(error, ChoiceDiffers):
+            job.post(error)
+        elif error is not None:
             # The slot's cells may be half-written: forget them.
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
             slot.tokens.clear()

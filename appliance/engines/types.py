@@ -14,6 +14,11 @@ FloatArray = npt.NDArray[np.float32]
 Int16Array = npt.NDArray[np.int16]
 
 
+class ChoiceDiffers(Exception):
+    """``LlmEngine.stream(choice_at=...)``: the model chose otherwise at that point of the prompt;
+    ``args[0]`` is the text it chose."""
+
+
 class VadStream(Protocol):
     """Per-call VAD state. ``push`` takes any number of 8 kHz int16 samples and returns the speech
     probability of every complete 32 ms window (256 samples) it finished, oldest first."""
@@ -65,13 +70,15 @@ class LlmEngine(Protocol):
         cache_key: str | None = None,
         save_state: bool = True,
         background: bool = False,
+        choice_at: tuple[int, str, str] | None = None,
     ) -> AsyncIterator[str]:
         """Stream text pieces of the completion of a raw (already templated) prompt. With
         ``json_schema`` the output is constrained by a grammar built from it; with ``grammar`` by
         that GBNF text (engines that cannot take one raise ``NotImplementedError``). Closing the
         iterator (``aclose`` or cancelling the consumer) stops generation at the next token.
         ``cache_key``/``save_state``: hints for engines that keep per-conversation prompt caches.
-        ``background``: nobody waits for this one (a prewarm); engines may let other work go first."""
+        ``background``: nobody waits for this one (a prewarm); engines may let other work go first.
+        ``choice_at``: see ``LlamaLlm.stream`` (engines with ``supports_choice``)."""
         ...
 
     def format_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:

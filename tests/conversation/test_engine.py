@@ -26,6 +26,7 @@ from appliance.conversation import (
 )
 from appliance.conversation.engine import APOLOGY, NOT_UNDERSTOOD
 from appliance.conversation.tools import FIRST_KEY_GRAMMAR, SAY_OPENING, say_body_grammar, say_max_chars
+from appliance.engines.types import ChoiceDiffers
 
 from .conftest import HandlerServer, ScriptedLlm, closed_port_url, seed_agent
 
@@ -425,6 +426,65 @@ async def test_fast_path_a_call_continues_under_the_functions_grammar(
     call_schema = llm.schemas[1]
     assert call_schema is not None and "say" not in json.dumps(call_schema)
     assert llm.grammars[1] is None
+    assert events[-1] == TurnDone("12345 has shipped.")
+
+
+class ChoosingLlm(GrammarLlm):
+    """A scripted LLM that checks the first key in the same decode (``choice_at``): a scripted
+    output of ``ChoiceDiffers`` stands for the model choosing a function there."""
+
+    supports_choice = True
+
+    def __init__(self, outputs: Sequence[str | ChoiceDiffers], **kwargs: Any):
+        super().__init__([o for o in outputs if isinstance(o, str)], **kwargs)
+        self.differs = [isinstance(o, ChoiceDiffers) for o in outputs]
+        self.choices: list[tuple[int, str, str] | None] = []
+
+    async def stream(self, prompt: str, *, choice_at: Any = None, **kwargs: Any) -> AsyncIterator[str]:  # type: ignore[override]
+        self.choices.append(choice_at)
+        if self.differs.pop(0):
+            self.prompts.append(prompt)
+            raise ChoiceDiffers("name")
+        async for piece in super().stream(prompt, **kwargs):
+            yield piece
+
+
+async def test_fused_path_checks_the_first_key_in_the_say_generation(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    answer = "Hello! How can I help?"
+    llm = ChoosingLlm([json.dumps(answer)[1:] + "}"], piece_size=2)
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    events = await _run(conversation, "hi")
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == answer
+    (say_prompt,) = llm.prompts  # one generation: no separate first-key step
+    assert say_prompt.endswith("<assistant>" + SAY_OPENING)
+    (choice,) = llm.choices
+    assert choice is not None
+    offset, grammar, expected = choice
+    assert say_prompt[:offset].endswith('<assistant>{"') and grammar == FIRST_KEY_GRAMMAR and expected == "s"
+    assert conversation.last_trace.generations[0].first_key == "say"
+    assert conversation.history[-1].text == answer
+
+
+async def test_fused_path_falls_back_to_the_functions_grammar_when_the_model_would_call_one(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ChoosingLlm(
+        [ChoiceDiffers("name"), _call("get_order_status", order_id="12345"), '12345 has shipped."}'],
+        piece_size=4,
+    )
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    events = await _run(conversation, "Where is order 12345?")
+    assert [e.name for e in events if isinstance(e, FunctionCallStarted)] == ["get_order_status"]
+    assert not any(isinstance(e, TextDelta) and "{" in e.text for e in events)
+    first, call = llm.prompts[:2]
+    assert first.endswith(SAY_OPENING) and call == first[: -len(SAY_OPENING)]
+    assert llm.choices[1] is None  # the function's generation checks nothing
+    assert llm.choices[2] is not None and llm.prompts[2].endswith(SAY_OPENING)  # the answer after it
+    call_schema = llm.schemas[0]
+    assert call_schema is not None and "say" not in json.dumps(call_schema)
+    assert conversation.last_trace.generations[0].first_key == "name"
     assert events[-1] == TurnDone("12345 has shipped.")
 
 

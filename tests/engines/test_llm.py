@@ -27,6 +27,7 @@ from appliance.engines.llm import (
     _TextOut,
     tighten_string_chars,
 )
+from appliance.engines.types import ChoiceDiffers
 from appliance.model_manifest import Manifest, ModelCorrupt, ModelNotInstalled
 
 CONTEXT = 2048
@@ -581,3 +582,21 @@ async def test_grammar_first_sampling_does_sample(smol: LlamaLlm) -> None:
     assert len(outputs) > 1  # not stuck on the argmax
     for text in outputs:
         jsonschema.validate(json.loads(text), schema)
+
+
+async def test_a_choice_is_checked_in_the_same_decode_as_the_prompt_after_it(qwen: LlamaLlm) -> None:
+    head = qwen.format_chat([{"role": "user", "content": "Greet me in JSON."}]) + '{"'
+    prompt = head + 'say": "'
+    say = 'root ::= "say"'
+    plain = await _collect(qwen, prompt, max_tokens=8, cache_key="choice")
+    # The model can only choose "say" here: the text is what the prompt alone gives.
+    checked = await _collect(qwen, prompt, max_tokens=8, cache_key="choice", choice_at=(len(head), say, "s"))
+    assert checked == plain and qwen.last_stats.finish in ("stop", "length")
+    # Here it can only choose "name": no text, and the caller learns what it chose.
+    with pytest.raises(ChoiceDiffers) as differs:
+        await _collect(qwen, prompt, max_tokens=8, choice_at=(len(head), 'root ::= "name"', "s"))
+    assert differs.value.args[0].strip().startswith("n")
+    assert qwen.last_stats.finish == "choice" and qwen.last_stats.completion_tokens == 0
+    # A choice point that is not a token boundary of the prompt is a programming error.
+    with pytest.raises(ValueError, match="token boundary"):
+        await _collect(qwen, prompt, max_tokens=8, choice_at=(len(head) - 1, say, "s"))
