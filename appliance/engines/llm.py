@@ -176,7 +176,9 @@ class _TextOut:
     stop string held back until it is known not to be."""
 
     def __init__(self, stop_strings: Sequence[str]):
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # Invalid bytes are dropped rather than spoken as "\ufffd"; an incomplete character at the
+        # end (output cut by a stop or the length limit) is dropped too.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         self._stops = [s for s in stop_strings if s]
         self._held = ""
 
@@ -189,6 +191,7 @@ class _TextOut:
         cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
         if cut >= 0:
             self._held = ""
+            self._decoder.reset()
             return text[:cut], True
         keep = 0  # the longest end of ``text`` that begins some stop string
         for s in self._stops:
@@ -363,6 +366,9 @@ class LlamaLlm:
             if grammar is None:
                 source = text if text is not None else self.grammar_text(schema or {})
                 grammar = llama_cpp.LlamaGrammar.from_string(source, verbose=False)
+                # llama-cpp-python only stores the text: parse it now, so a bad grammar fails its
+                # caller here and never reaches the scheduler thread.
+                _GrammarFirstSampler(self._vocab, self._n_vocab, grammar)
                 if len(self._grammars) >= 256:  # schemas come from agent configs: few, but bound it
                     self._grammars.pop(next(iter(self._grammars)))
                 self._grammars[key] = grammar
@@ -475,6 +481,21 @@ class LlamaLlm:
 
     # -- generation: the scheduler thread ------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._schedule()
+        except BaseException:
+            log.exception("llm %s: scheduler stopped", self.model_id)
+            raise
+        finally:
+            # Whatever happened, nobody may wait forever for a generation that will not run.
+            with self._wake:
+                self._closed = True
+                for slot in self._slots:
+                    if slot.job is not None:
+                        self._finish(slot.job, "error", RuntimeError(f"LLM {self.model_id} stopped"))
+                self._retire_stopped()
+
+    def _schedule(self) -> None:
         while True:
             with self._wake:
                 self._retire_stopped()
@@ -486,12 +507,7 @@ class LlamaLlm:
                         return
                     self._wake.wait(timeout=0.5)
                     continue
-            try:
-                self._step(ready)
-            except Exception as exc:  # never let one bad step kill the engine for every call
-                log.exception("llm %s: decode step failed", self.model_id)
-                for job in ready:
-                    self._finish(job, "error", exc)
+            self._step(ready)
 
     def _retire_stopped(self) -> None:
         for slot in self._slots:
@@ -513,7 +529,11 @@ class LlamaLlm:
             if slot is None:
                 return
             self._waiting.pop(0)
-            self._start(job, slot)
+            try:
+                self._start(job, slot)
+            except Exception as exc:  # this generation fails, not the engine
+                log.exception("llm %s: could not start a generation", self.model_id)
+                self._finish(job, "error", exc)
 
     def _free_slot(self, job: _Job) -> _Slot | None:
         free = [s for s in self._slots if s.job is None]
@@ -573,8 +593,15 @@ class LlamaLlm:
             CPU.yield_to_urgent(URGENT_MAX_WAIT_S)
         now = time.monotonic()
         if urgent:
-            starved = [j for j in ready if not j.urgent and now - j.last_step >= BACKGROUND_MAX_WAIT_S]
-            chosen = urgent + starved
+            # A prompt chunk makes the step long and a few more rows cost little beside it: every
+            # reply being spoken then gets its next token; otherwise only ones kept waiting long.
+            reading = any(len(j.pending) > 1 for j in urgent)
+            waited = [
+                j for j in ready
+                if not j.urgent
+                and (now - j.last_step >= BACKGROUND_MAX_WAIT_S or (reading and len(j.pending) == 1))
+            ]  # fmt: skip
+            chosen = urgent + waited
         else:
             chosen = ready
         entries: list[tuple[int, int, int, bool]] = []
@@ -600,7 +627,11 @@ class LlamaLlm:
         self._fill(entries)
         code = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
         if code != 0:
-            raise RuntimeError(f"llama_decode returned {code} ({len(entries)} tokens, {len(plan)} sequences)")
+            log.error("llm %s: llama_decode returned %d (%d tokens, %d sequences)", self.model_id, code,
+                      len(entries), len(plan))  # fmt: skip
+            for job, _, _ in plan:  # these sequences' cells may be half-written; the others are intact
+                self._finish(job, "error", RuntimeError(f"llama_decode returned {code}"))
+            return
         done_at = time.monotonic()
         for job, take, _ in plan:
             assert job.slot is not None
@@ -609,10 +640,18 @@ class LlamaLlm:
             job.last_step = done_at
             job.stats.batch_peak = max(job.stats.batch_peak, len(plan))
         for job, check_row in checks:
-            self._check_choice(job, check_row)
+            self._guarded(job, self._check_choice, check_row)
         for job, _, row in plan:
             if row is not None and job.slot is not None and job.slot.job is job:  # unless a check retired it
-                self._sample(job, row)
+                self._guarded(job, self._sample, row)
+
+    def _guarded(self, job: _Job, action: Any, row: int) -> None:
+        """Run one job's sampling step; a failure ends that generation, not the others."""
+        try:
+            action(job, row)
+        except Exception as exc:
+            log.exception("llm %s: sampling failed", self.model_id)
+            self._finish(job, "error", RuntimeError(f"sampling failed: {exc}"))
 
     def _check_choice(self, job: _Job, row: int) -> None:
         """The greedy choice at the ``choice_at`` token: if it is not what the rest of the prompt
@@ -650,14 +689,14 @@ class LlamaLlm:
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             self._finish(job, "stop")
             return
-        assert job.text is not None
+        assert job.text is not None and job.slot is not None
         text, stopped = job.text.feed(self._piece(token))
         if text:
             job.sent += 1
             job.post(text)
         if stopped:
             self._finish(job, "stop")
-        elif stats.completion_tokens >= job.max_tokens:
+        elif stats.completion_tokens >= job.max_tokens or len(job.slot.tokens) + 1 >= self.context_size:
             self._finish(job, "length")
         else:
             job.pending = [token]

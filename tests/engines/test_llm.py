@@ -530,6 +530,12 @@ async def test_a_failed_decode_fails_its_generations_and_the_engine_goes_on(
     assert "1" in await _collect(smol, smol.format_chat(COUNTING), max_tokens=5)
 
 
+async def test_a_grammar_llama_cpp_rejects_fails_its_caller_and_the_engine_goes_on(smol: LlamaLlm) -> None:
+    with pytest.raises(ValueError, match="grammar"):
+        await _collect(smol, smol.format_chat(COUNTING), max_tokens=5, grammar='root ::= "a" (')
+    assert "1" in await _collect(smol, smol.format_chat(COUNTING), max_tokens=5)
+
+
 def test_text_out_holds_back_a_possible_stop_string_and_splits_no_character() -> None:
     out = _TextOut(["</end>"])
     assert out.feed(b"Hello </") == ("Hello ", False)  # "</" may begin the stop string
@@ -541,6 +547,10 @@ def test_text_out_holds_back_a_possible_stop_string_and_splits_no_character() ->
     assert plain.feed(b"\xe2\x82") == ("", False)
     assert plain.feed(b"\xac!") == ("\u20ac!", False)
     assert plain.flush() == ""
+    # Output cut inside a character (length limit, stop string) leaves no replacement character.
+    assert plain.feed(b"ok \xe2\x82") == ("ok ", False) and plain.flush() == ""
+    stopped = _TextOut(["END"])
+    assert stopped.feed(b"hiEND\xe2\x82") == ("hi", True) and stopped.flush() == ""
 
 
 def _bare_sampler(temp: float, top_p: float = 0.95, min_p: float = 0.05) -> Any:
