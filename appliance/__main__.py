@@ -13,9 +13,8 @@ from .config import ConfigError, Settings, load_settings
 
 
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from .runtime import configure_malloc, configure_threads
+    from .runtime import configure_threads
 
-    configure_malloc()  # before any engine thread allocates
     configure_threads(settings)
     import uvicorn
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 from .config import Settings
@@ -21,26 +20,3 @@ def configure_threads(settings: Settings) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")  # chromadb
-
-
-# glibc mallopt parameters (malloc.h).
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-
-
-def configure_malloc(*, arenas: int = 2, mmap_threshold: int = 1 << 20) -> bool:
-    """Keep a long-running server's heap from creeping (glibc only; a no-op elsewhere).
-
-    Every thread that allocates gets a malloc arena of its own (up to 8 per core), each holding on
-    to freed memory; and glibc's mmap threshold grows with every large block freed, after which
-    blocks of that size come from the heap and fragment it. Engines and the event loop allocate
-    from a dozen threads, so a server's RSS went on growing by steps over hours of calls. Two arenas
-    and a fixed 1 MiB threshold (larger blocks are mapped and returned to the system on free) keep
-    it flat. Returns whether glibc took the settings."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas)) and bool(
-            libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-        )
-    except (OSError, AttributeError):
-        return False
