@@ -92,6 +92,33 @@ def looks_runaway(text: str, audio_seconds: float, *, hit_token_limit: bool = Fa
     return len(raw) > 60 and len(raw) / len(zlib.compress(raw)) > 2.4  # Whisper's own loop test
 
 
+_LOOP = re.compile(r"\b(\w+(?:\W+\w+){1,5}?)(?:\W+\1\b)+", re.IGNORECASE)
+
+
+def collapse_loop(text: str, audio_seconds: float) -> str | None:
+    """The transcript a short-window decode meant before it looped ("ten of clubs ten of clubs ten
+    of" -> "ten of clubs"), or None when collapsing repeats does not leave plausible speech."""
+
+    def once(loop: re.Match[str]) -> str:
+        # A phrase of one word said over and over ("5 5 5 5") is left to the standard decode.
+        return loop.group(1) if len(set(re.findall(r"\w+", loop.group(1).lower()))) > 1 else loop.group(0)
+
+    collapsed = _LOOP.sub(once, text)
+    if collapsed == text:
+        return None
+    # A copy cut off by the token limit: "... ten of clubs ten of".
+    words = collapsed.split()
+    for size in range(min(5, len(words) // 2), 0, -1):
+        tail = [w.lower() for w in words[-size:]]
+        if any(tail == [w.lower() for w in words[i : i + size]] for i in range(len(words) - 2 * size + 1)):
+            collapsed = " ".join(words[:-size])
+            break
+    collapsed = collapsed.strip()
+    if not collapsed or looks_runaway(collapsed, audio_seconds):
+        return None
+    return collapsed
+
+
 DECODE_OPTIONS = DecodeOptions()
 
 
@@ -205,8 +232,14 @@ class WhisperAsr:
         text = self._tokenizer.decode(ids).strip()
         hit_limit = len(result.sequences_ids[0]) + self._prompt_len >= max_length
         if looks_runaway(text, seconds, hit_token_limit=hit_limit):
-            log.info("asr: short-window decode looks like a loop (%r); decoding again", text[:80])
-            return None
+            # A phrase repeated until the token limit: what came before the loop is the transcript
+            # (a second, 30 s decode costs ~0.5 s on a CPU while the caller waits).
+            collapsed = collapse_loop(text, seconds)
+            if collapsed is None:
+                log.info("asr: short-window decode looks like a loop (%r); decoding again", text[:80])
+                return None
+            log.info("asr: short-window decode looped (%r); kept %r", text[:80], collapsed)
+            text = collapsed
         # As faster-whisper computes them (length penalty 1).
         avg_logprob = result.scores[0] * max(1, len(ids)) / (len(ids) + 1)
         return text, float(result.no_speech_prob), float(avg_logprob)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from appliance.engines import asr as asr_module
-from appliance.engines.asr import DECODE_OPTIONS, AsrLoadError, WhisperAsr, looks_runaway
+from appliance.engines.asr import DECODE_OPTIONS, AsrLoadError, WhisperAsr, collapse_loop, looks_runaway
 from tests.speech import (
     add_noise,
     corpus_wer,
@@ -144,6 +144,21 @@ def test_missing_model_directory_fails_fast_without_a_hub(tmp_path: Path) -> Non
 )
 def test_looks_runaway(text: str, seconds: float, runaway: bool) -> None:
     assert looks_runaway(text, seconds) is runaway
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds", "kept"),
+    [
+        ("10 of clubs 10 of clubs 10 of clubs 10 of clubs", 0.8, "10 of clubs"),
+        ("10 of clubs 10 of clubs 10 of", 0.8, "10 of clubs"),  # the last copy cut by the limit
+        ("I want the ten of clubs ten of clubs ten of clubs", 2.0, "I want the ten of clubs"),
+        ("Ten of clubs.", 1.0, None),  # no loop: nothing to collapse
+        ("5 5 5 5 5 5 5 5 5 5 5 5 5 5", 1.0, None),  # no phrase: the standard decode decides
+        ("one two three four five six one two three four five six", 0.5, None),  # too fast even once
+    ],
+)
+def test_a_loop_collapses_to_what_came_before_it(text: str, seconds: float, kept: str | None) -> None:
+    assert collapse_loop(text, seconds) == kept
 
 
 def test_hitting_the_token_limit_is_a_runaway() -> None:
