@@ -83,6 +83,10 @@ class ClauseChunker:
             if ch in _CLAUSE_END and len(buf[:i].strip()) >= min_chars:
                 return i + 1
         if self._emitted == 0 and self.first_phrase_words > 0:
+            if _ends_sentence(buf):
+                # A one-sentence reply's end is followed by no space, only the end of the answer
+                # object and of the generation: two more tokens the caller would wait for.
+                return len(buf)
             cut = self._phrase_cut(buf)
             if cut is not None:
                 return cut
@@ -106,6 +110,17 @@ class ClauseChunker:
             ):
                 return word.start()
         return None
+
+
+def _ends_sentence(buf: str) -> bool:
+    """``buf`` ends with an unmistakable sentence end: "?" or "!", or "." after a word that is not
+    an abbreviation ("3." may become "3.5", "Dr." goes on, "clubs." does not)."""
+    text = buf.rstrip()
+    if len(text) < 2 or text != buf:
+        return False
+    if text[-1] in "?!":
+        return True
+    return text[-1] == "." and text[-2].isalpha() and not _ABBREVIATION.search(text)
 
 
 def _speakable(text: str) -> bool:

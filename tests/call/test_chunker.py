@@ -68,8 +68,23 @@ def test_phrase_cut_needs_enough_words_and_a_complete_word() -> None:
         assert [c for _, c in feed(text, first_phrase_words=3)] == [text]
     ch = ClauseChunker(first_phrase_words=3)
     assert ch.push("We have the seven of clubs is") == []  # "is" may still grow into "island"
-    assert ch.push("land.") == []
-    assert ch.push(" Yes") == ["We have the seven of clubs island."]
+    assert ch.push("land") == []
+    assert ch.push(".") == ["We have the seven of clubs island."]
     ch = ClauseChunker(first_phrase_words=3)
     assert ch.push("We have the seven of clubs in ") == ["We have the seven of clubs"]
     assert ch.push("stock. ") == ["in stock."]
+
+
+def test_a_first_sentence_ending_the_text_so_far_is_emitted_at_once() -> None:
+    ch = ClauseChunker(first_phrase_words=3)
+    assert ch.push("You have the ten of clubs") == []
+    assert ch.push(".") == ["You have the ten of clubs."]  # no wait for the next character
+    ch = ClauseChunker(first_phrase_words=3)
+    assert ch.push("Is that all?") == ["Is that all?"]
+    # Not when the "." may still be a decimal point or an abbreviation's.
+    for text in ("It costs 3.", "Ask Dr.", "Call me at 5."):
+        assert ClauseChunker(first_phrase_words=3).push(text) == [], text
+    # Only the first clause; later ones wait for the next character as before.
+    ch = ClauseChunker(first_phrase_words=3)
+    assert ch.push("Sure. We open at nine.") == ["Sure."]
+    assert ch.push(" Bye") == ["We open at nine."]
