@@ -5,8 +5,9 @@ stream), or at a comma/semicolon/colon/dash once it is long enough to sound natu
 word boundary when it grows past ``max_chars`` (a run-on reply must not hold back the audio).
 
 With ``first_phrase_words`` the first clause may also end before a word where speakers naturally
-phrase ("is", "and", "with", "because", ...) once it has that many words: the caller waits in
-silence for it, and on a CPU each further word of a 0.5B model's reply costs ~40 ms.
+phrase ("is", "and", "with", "because", ...; "the", "your" after a verb) once it has that many words:
+the caller waits in silence for it, and on a CPU each further word of a 0.5B model's reply costs
+~40 ms, and each further word of its synthesis ~20 ms.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ _BINDS_NEXT = frozenset(
     "what who whom whose where when why how which that there here it this these those "
     "i you we they he she one".split()
 )
+# A noun phrase's opening word: a phrase starts there after a verb ("You have | the ten of clubs")...
+_NOUN_PHRASE_START = frozenset("the a an your my our their his her its this these those some every".split())
+# ...but not after a word it belongs with ("of | the", "and | a", "all | the"), nor in a question
+# ("What are | your hours" is one phrase).
+_BINDS_NOUN_PHRASE = frozenset(
+    "of to in on at for from with by about into onto over under than as like and or but nor "
+    "all both half such what which whose the a an your my our their his her its this these those "
+    "some every any no".split()
+)
+_QUESTION_WORD = frozenset("what which who whom whose how where when why".split())
 _WORD = re.compile(r"\S+")
 
 
@@ -102,14 +113,23 @@ class ClauseChunker:
             word = words[k]
             if word.end() >= len(buf):  # not known to be complete yet ("is" may become "island")
                 break
-            before = words[k - 1].group().lower()
+            before = _bare(words[k - 1].group())
+            if before in _BINDS_NEXT or len(buf[: word.start()].strip()) < self.first_min_chars:
+                continue
+            opening = word.group().lower()
+            if opening in _PHRASE_START:
+                return word.start()
             if (
-                word.group().lower() in _PHRASE_START
-                and before not in _BINDS_NEXT
-                and len(buf[: word.start()].strip()) >= self.first_min_chars
+                opening in _NOUN_PHRASE_START
+                and before not in _BINDS_NOUN_PHRASE
+                and not any(_bare(w.group()) in _QUESTION_WORD for w in words[:k])
             ):
                 return word.start()
         return None
+
+
+def _bare(word: str) -> str:
+    return word.strip(".,;:!?\"'()").lower()
 
 
 def _ends_sentence(buf: str) -> bool:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..conversation import Conversation, ConversationContext, HttpDispatcher
 from ..conversation.adapter import agent_from_row
+from ..runtime import HeapTrimmer
 from ..store.calls import CallRecordWriter, call_exists, close_stale_calls
 from ..telephony.rest import PlivoApiError, PlivoRest
 from ..telephony.signature import SignatureVerifier
@@ -102,6 +103,7 @@ class CallManager:
             max_reply_bytes=settings.limits.handler_max_reply_bytes,
         )
         self._closing = False
+        self._heap = HeapTrimmer()
 
     # -- answer URL ------------------------------------------------------------------------------
     def _expire(self) -> None:
@@ -214,6 +216,9 @@ class CallManager:
             self._finished[live.info.call_uuid] = None
             while len(self._finished) > FINISHED_MEMORY:
                 self._finished.popitem(last=False)
+        if self._heap.due() and not self._closing:
+            # The call's buffers are free now; give their pages back (soak: RSS otherwise creeps).
+            await asyncio.to_thread(self._heap.trim)
 
     # -- REST: outbound and hang-up -----------------------------------------------------------
     def rest_for(self, account: Account) -> PlivoRest | None:

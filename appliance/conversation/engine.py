@@ -21,6 +21,7 @@ from typing import Any, Protocol, cast
 from ..engines.types import ChoiceDiffers, LlmEngine
 from .dispatch import Dispatcher
 from .prompt import HistoryItem, build_prompt, clock, few_shot, system_message, turn_groups
+from .repeats import RepeatGuard
 from .tools import (
     BUILTINS,
     FIRST_KEY_GRAMMAR,
@@ -369,6 +370,7 @@ class Conversation:
         )  # fmt: skip
         generation.prompt_tokens = prompt.tokens
         parser = StreamingAnswer()
+        repeats = RepeatGuard()
         started = time.monotonic()
         finished = False
         try:
@@ -403,32 +405,42 @@ class Conversation:
                             if generation.first_piece_s is None:
                                 generation.first_piece_s = time.monotonic() - started
                             generation.pieces += 1
-                            delta = parser.feed(piece)
+                            delta = repeats.feed(parser.feed(piece))
                             if delta:
                                 if generation.first_text_s is None:
                                     generation.first_text_s = time.monotonic() - started
                                 yield delta
+                            if repeats.stopped:
+                                log.warning("reply began to repeat itself; cut after %r", repeats.text[-80:])
+                                break
                     break
                 except ChoiceDiffers:
                     # The model would call a function (raised before any text): generate that.
                     generation.first_key, parser = "name", StreamingAnswer()
                     text, grammar, schema, choice = prompt.text, None, function_choice_schema(allowed), None
+            rest = repeats.finish()
+            if rest:
+                yield rest
             finished = True
         finally:
             generation.elapsed_s = time.monotonic() - started
             generation.raw = parser.raw
             if finished:
-                generation.answer = parser.result()
-            elif parser.said:
+                generation.answer = (
+                    Answer(say=repeats.text, truncated=True, raw=parser.raw)
+                    if repeats.stopped
+                    else parser.result()
+                )
+            elif repeats.text:
                 # Cut off mid-sentence (barge-in, cancelled request): keep what was generated; the
                 # call layer narrows it to what was heard with ``record_heard``.
-                self.history.append(HistoryItem("say", text=parser.said, interrupted=True))
+                self.history.append(HistoryItem("say", text=repeats.text, interrupted=True))
 
-    def _cache_options(self, *, save: bool = True, background: bool = False) -> dict[str, Any]:
+    def _cache_options(self, *, background: bool = False) -> dict[str, Any]:
         """Prompt-cache and priority hints for engines that keep one prompt cache per conversation."""
         if not getattr(self.llm, "supports_grammar", False):
             return {}
-        options: dict[str, Any] = {"cache_key": self.context.session_id, "save_state": save}
+        options: dict[str, Any] = {"cache_key": self.context.session_id}
         if background:
             options["background"] = True
         return options
@@ -438,7 +450,7 @@ class Conversation:
         # One token decides: the grammar allows only "say" or "name" (or a prefix of them).
         stream = self.llm.stream(
             prompt_text + KEY_OPENING, max_tokens=1, temperature=0.0, grammar=FIRST_KEY_GRAMMAR,
-            **self._cache_options(save=False),  # the next step's state supersedes this one at once
+            **self._cache_options(),
         )  # fmt: skip
         chosen = ""
         async with contextlib.aclosing(stream) as pieces:  # type: ignore[type-var]

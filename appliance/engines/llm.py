@@ -399,7 +399,6 @@ class LlamaLlm:
         stop: Sequence[str] = (),
         grammar: str | None = None,
         cache_key: str | None = None,
-        save_state: bool = True,
         background: bool = False,
         choice_at: tuple[int, str, str] | None = None,
     ) -> AsyncGenerator[str, None]:
@@ -410,9 +409,7 @@ class LlamaLlm:
         assumption about what the model would write there (``{"say": "`` after ``{"``); the
         greedy choice under ``gbnf`` at that point is checked in the same decode, and if it does
         not start with ``expected`` the stream raises ``ChoiceDiffers`` before any text. One
-        decode instead of two generations.
-        ``save_state`` is accepted for the protocol; slots keep every state anyway."""
-        del save_state
+        decode instead of two generations."""
         if json_schema is not None and grammar is not None:
             raise ValueError("give json_schema or grammar, not both")
         if self._closed:
@@ -657,13 +654,16 @@ class LlamaLlm:
         """The greedy choice at the ``choice_at`` token: if it is not what the rest of the prompt
         assumes, the generation ends with ``ChoiceDiffers`` before any text."""
         sampler = _GrammarFirstSampler(self._vocab, self._n_vocab, job.check_grammar)
-        logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(self._ctx.ctx, row), shape=(self._n_vocab,)
-        )
-        chosen = self._piece(sampler.sample(logits)).decode("utf-8", errors="replace")
+        chosen = self._piece(sampler.sample(self._logits(row))).decode("utf-8", errors="replace")
         job.check_index = -1
         if not chosen.strip().startswith(job.check_expected):
             self._finish(job, "choice", ChoiceDiffers(chosen))
+
+    def _logits(self, row: int) -> np.ndarray:
+        """The last decode's logits for batch row ``row`` (a view into llama.cpp's buffer, valid
+        until the next decode)."""
+        row_logits = llama_cpp.llama_get_logits_ith(self._ctx.ctx, row)
+        return np.ctypeslib.as_array(row_logits, shape=(self._n_vocab,))
 
     def _fill(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
         batch = self._batch
@@ -680,9 +680,7 @@ class LlamaLlm:
         if job.max_tokens <= 0 or job.sampler is None:
             self._finish(job, "length")
             return
-        row = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
-        logits = np.ctypeslib.as_array(row, shape=(self._n_vocab,))
-        token = job.sampler.sample(logits)
+        token = job.sampler.sample(self._logits(index))
         stats.completion_tokens += 1
         if stats.first_token_s is None:
             stats.first_token_s = time.monotonic() - job.started

@@ -68,7 +68,6 @@ class LlmEngine(Protocol):
         stop: Sequence[str] = (),
         grammar: str | None = None,
         cache_key: str | None = None,
-        save_state: bool = True,
         background: bool = False,
         choice_at: tuple[int, str, str] | None = None,
     ) -> AsyncIterator[str]:
@@ -76,7 +75,7 @@ class LlmEngine(Protocol):
         ``json_schema`` the output is constrained by a grammar built from it; with ``grammar`` by
         that GBNF text (engines that cannot take one raise ``NotImplementedError``). Closing the
         iterator (``aclose`` or cancelling the consumer) stops generation at the next token.
-        ``cache_key``/``save_state``: hints for engines that keep per-conversation prompt caches.
+        ``cache_key``: names the conversation, for engines that keep per-conversation prompt caches.
         ``background``: nobody waits for this one (a prewarm); engines may let other work go first.
         ``choice_at``: see ``LlamaLlm.stream`` (engines with ``supports_choice``)."""
         ...

@@ -88,3 +88,33 @@ def test_a_first_sentence_ending_the_text_so_far_is_emitted_at_once() -> None:
     ch = ClauseChunker(first_phrase_words=3)
     assert ch.push("Sure. We open at nine.") == ["Sure."]
     assert ch.push(" Bye") == ["We open at nine."]
+
+
+def test_first_clause_may_end_before_a_noun_phrase_after_a_verb() -> None:
+    text = "You have the ten of clubs and the four of hearts."
+    assert [c for _, c in feed(text, first_phrase_words=2)] == [
+        "You have",
+        "the ten of clubs and the four of hearts.",
+    ]
+    # Three words first: no cut before "ten", so the first clause runs on to the next phrase start.
+    assert [c for _, c in feed(text, first_phrase_words=3)] == [
+        "You have the ten of clubs",
+        "and the four of hearts.",
+    ]
+    ch = ClauseChunker(first_phrase_words=2)
+    assert ch.push("You have the") == []  # "the" may still grow into "these" or "there"
+    assert ch.push(" ten") == ["You have"]
+
+
+def test_no_noun_phrase_cut_after_a_word_it_belongs_with_or_in_a_question() -> None:
+    for text in (
+        "The queen of the night is here.",  # "of | the"
+        "I found all the cards.",  # "all | the"
+        "What are your opening hours?",  # a question is one phrase
+        "Tell me how many the deck has.",
+    ):
+        clauses = [c for _, c in feed(text, first_phrase_words=2)]
+        assert not any(c.endswith(("of", "all", "are", "many")) for c in clauses), (text, clauses)
+    assert [c for _, c in feed("What are your opening hours?", first_phrase_words=2)] == [
+        "What are your opening hours?"
+    ]

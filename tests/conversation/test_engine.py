@@ -73,6 +73,21 @@ async def test_speech_streams_in_pieces_and_ends_with_turn_done(
     assert llm.schemas[0] is not None and "oneOf" in llm.schemas[0]
 
 
+async def test_a_reply_that_loops_on_a_sentence_stops_at_the_repeat(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    looping = "He was not ill-disposed. " + "He was a young man who was kind. " * 20
+    llm = ScriptedLlm([_say(looping)], piece_size=3)
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    events = await _run(conversation, "tell me about him")
+    kept = "He was not ill-disposed. He was a young man who was kind."
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)).strip() == kept
+    assert events[-1] == TurnDone(kept)
+    assert conversation.history[-1].text == kept
+    # The generation was stopped there, not read to its end.
+    assert llm.closed == 1 and llm.pieces_sent * 3 < len(_say(looping)) // 4
+
+
 async def test_function_call_dispatches_with_fixed_parameters_and_result_reaches_the_answer(
     dispatcher: HttpDispatcher, handler: HandlerServer
 ) -> None:
@@ -366,7 +381,7 @@ class GrammarLlm(ScriptedLlm):
     def __init__(self, outputs: Sequence[str], **kwargs: Any):
         super().__init__(outputs, **kwargs)
         self.grammars: list[str | None] = []
-        self.cache: list[tuple[str | None, bool]] = []
+        self.cache: list[str | None] = []
         self.background: list[bool] = []
 
     async def stream(  # type: ignore[override]
@@ -379,12 +394,11 @@ class GrammarLlm(ScriptedLlm):
         stop: Sequence[str] = (),
         grammar: str | None = None,
         cache_key: str | None = None,
-        save_state: bool = True,
         background: bool = False,
     ) -> AsyncIterator[str]:
         assert json_schema is None or grammar is None
         self.grammars.append(grammar)
-        self.cache.append((cache_key, save_state))
+        self.cache.append(cache_key)
         self.background.append(background)
         async for piece in super().stream(
             prompt, max_tokens=max_tokens, temperature=temperature, json_schema=json_schema
@@ -407,8 +421,8 @@ async def test_fast_path_feeds_the_say_opening_after_the_first_key(
     assert say_prompt == key_prompt[:-2] + SAY_OPENING
     assert llm.grammars[1] == say_body_grammar(say_max_chars(conversation.agent.max_tokens))
     assert conversation.last_trace.generations[0].first_key == "say"
-    # One saved prompt state per conversation; the first-key step's is not worth keeping.
-    assert llm.cache == [("s-1", False), ("s-1", True)]
+    # Both steps name the conversation, so an engine with prompt caches keeps returning to one.
+    assert llm.cache == ["s-1", "s-1"]
     # The history holds the whole answer object, as the model would have written it.
     assert conversation.history[-1].text == answer
 

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import pytest
+
+from appliance.conversation.repeats import RepeatGuard
+
+LOOP = "He was not ill-disposed. He was a young man who was kind. He was a young man who was kind. He was"
+
+
+def feed(text: str, step: int) -> tuple[list[str], RepeatGuard]:
+    guard = RepeatGuard()
+    out = [guard.feed(text[i : i + step]) for i in range(0, len(text), step)]
+    out.append(guard.finish())
+    return [o for o in out if o], guard
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 200])
+def test_a_repeated_sentence_is_dropped_and_the_reply_stops(step: int) -> None:
+    out, guard = feed(LOOP, step)
+    assert guard.stopped
+    assert "".join(out) == guard.text == "He was not ill-disposed. He was a young man who was kind. "
+
+
+@pytest.mark.parametrize("step", [1, 3, 200])
+def test_a_reply_without_repeats_passes_whole(step: int) -> None:
+    text = "You have the ten of clubs. You have the four of hearts too! Is that all? Thank you. Thank you."
+    out, guard = feed(text, step)
+    assert not guard.stopped
+    assert "".join(out) == text
+
+
+def test_the_first_sentence_streams_at_once_and_a_shared_opening_is_held_only_while_shared() -> None:
+    guard = RepeatGuard()
+    assert guard.feed("You") == "You"  # nothing said before it: never held
+    assert guard.feed(" have the ten of clubs. ") == " have the ten of clubs. "
+    assert guard.feed("You have the") == ""  # so far the start of the first sentence again
+    assert guard.feed(" four") == ""  # "four" may still be the start of a longer word
+    assert guard.feed(" of") == "You have the four of"  # it differs: everything held comes out
+    assert guard.feed(" hearts") == " hearts"
+    assert guard.finish() == ""
+    assert guard.text == "You have the ten of clubs. You have the four of hearts"
+
+
+def test_a_repeat_at_the_very_end_is_dropped_too() -> None:
+    out, guard = feed("It is open until five today. It is open until five today.", 4)
+    assert guard.stopped
+    assert "".join(out) == "It is open until five today. "
+
+
+def test_after_stopping_nothing_more_passes() -> None:
+    guard = RepeatGuard()
+    guard.feed("We open at nine every day. We open at nine every day. ")
+    assert guard.stopped
+    assert guard.feed("Something new entirely. ") == ""
+    assert guard.finish() == ""
