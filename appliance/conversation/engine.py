@@ -160,7 +160,7 @@ class Conversation:
         if cut <= 0:  # the template changed the text: nothing safe to cut at
             return
         stream = self.llm.stream(
-            prompt.text[:cut], max_tokens=1, temperature=0.0, **self._cache_options(background=True)
+            prompt.text[:cut], max_tokens=0, temperature=0.0, **self._cache_options(background=True)
         )
         async with contextlib.aclosing(stream) as pieces:  # type: ignore[type-var]
             async for _ in pieces:
