@@ -93,7 +93,7 @@ class CallSettings(_Section):
     speculative: bool = True
     # A reply's first clause may end where a phrase starts ("The ten of clubs | is ...") once it
     # has this many words, instead of waiting for punctuation; 0: punctuation only.
-    first_phrase_words: int = 3
+    first_phrase_words: int = 2
 
 
 class Settings(_Section):

@@ -25,10 +25,12 @@ _PHRASE_START = frozenset(
     "and but or so because which who that if when where while "
     "with for from in on at after before until".split()
 )
-# ...but not right after a word the next one binds to ("what | are", "it | is", "there | are").
+# ...but not right after a word the next one binds to ("what | are", "it | is", "there | are"), nor
+# after a bare copula or modal ("It is | on its way" sounds broken; "You have | the ten" does not).
 _BINDS_NEXT = frozenset(
     "what who whom whose where when why how which that there here it this these those "
-    "i you we they he she one".split()
+    "i you we they he she one "
+    "is are was were am be been will would can could should shall may might must do does did".split()
 )
 # A noun phrase's opening word: a phrase starts there after a verb ("You have | the ten of clubs")...
 _NOUN_PHRASE_START = frozenset("the a an your my our their his her its this these those some every".split())
@@ -41,6 +43,8 @@ _BINDS_NOUN_PHRASE = frozenset(
 )
 _QUESTION_WORD = frozenset("what which who whom whose how where when why".split())
 _WORD = re.compile(r"\S+")
+# After a first clause cut at a phrase start, the second may end at one too once it has this many words.
+SECOND_PHRASE_WORDS = 4
 
 
 class ClauseChunker:
@@ -58,6 +62,7 @@ class ClauseChunker:
         self.max_chars = max_chars
         self._buf = ""
         self._emitted = 0
+        self._short_first = False  # the first clause ended at a phrase start, not at punctuation
 
     def push(self, delta: str) -> list[str]:
         self._buf += delta
@@ -81,7 +86,10 @@ class ClauseChunker:
 
     def _find_cut(self) -> int | None:
         buf = self._buf
-        min_chars = self.first_min_chars if self._emitted == 0 else self.min_clause_chars
+        # The first clause, and the second after a short first one, may be short: the caller is
+        # waiting for it (or would hear a silence mid-sentence without it).
+        soon = self._emitted == 0 or (self._emitted == 1 and self._short_first)
+        min_chars = self.first_min_chars if soon else self.min_clause_chars
         # A punctuation mark counts only once the next character is known to be a space.
         for i in range(len(buf) - 1):
             ch = buf[i]
@@ -93,23 +101,38 @@ class ClauseChunker:
                 return i + 1
             if ch in _CLAUSE_END and len(buf[:i].strip()) >= min_chars:
                 return i + 1
-        if self._emitted == 0 and self.first_phrase_words > 0:
+        phrase_words = self._phrase_words()
+        if phrase_words:
             if _ends_sentence(buf):
                 # A one-sentence reply's end is followed by no space, only the end of the answer
                 # object and of the generation: two more tokens the caller would wait for.
                 return len(buf)
-            cut = self._phrase_cut(buf)
+            cut = self._phrase_cut(buf, phrase_words)
             if cut is not None:
+                self._short_first = self._emitted == 0
                 return cut
         if len(buf) > self.max_chars:
             space = buf.rfind(" ", 0, self.max_chars)
             return space if space > 0 else self.max_chars
         return None
 
-    def _phrase_cut(self, buf: str) -> int | None:
-        """Before the first complete phrase-opening word that follows ``first_phrase_words`` words."""
+    def _phrase_words(self) -> int:
+        """Words a clause needs before it may end at a phrase start: the first clause's setting; for
+        the second one too when the first was cut short that way ("You have"), since its audio is
+        soon over and a second clause waiting for punctuation would leave the caller in silence
+        mid-sentence; 0 (punctuation only) after that."""
+        if self.first_phrase_words <= 0:
+            return 0
+        if self._emitted == 0:
+            return self.first_phrase_words
+        if self._emitted == 1 and self._short_first:
+            return max(SECOND_PHRASE_WORDS, self.first_phrase_words)
+        return 0
+
+    def _phrase_cut(self, buf: str, min_words: int) -> int | None:
+        """Before the first complete phrase-opening word that follows ``min_words`` words."""
         words = list(_WORD.finditer(buf))
-        for k in range(self.first_phrase_words, len(words)):
+        for k in range(min_words, len(words)):
             word = words[k]
             if word.end() >= len(buf):  # not known to be complete yet ("is" may become "island")
                 break

@@ -216,8 +216,9 @@ class CallManager:
             self._finished[live.info.call_uuid] = None
             while len(self._finished) > FINISHED_MEMORY:
                 self._finished.popitem(last=False)
-        if self._heap.due() and not self._closing:
+        if not self._closing and self._heap.available and (self._heap.due() or not self.live):
             # The call's buffers are free now; give their pages back (soak: RSS otherwise creeps).
+            # Always when the box falls idle: a trim costs a few ms and nobody is waiting.
             await asyncio.to_thread(self._heap.trim)
 
     # -- REST: outbound and hang-up -----------------------------------------------------------

@@ -15,10 +15,18 @@ import numpy as np
 
 from ..audio import mulaw
 from ..audio.resample import StreamResampler
+from ..engines.priority import CPU
 from ..engines.types import TtsEngine
-from .playout import Playout, Segment, heard_text
+from .playout import FRAME_S, Playout, Segment, heard_text
 
 ReplyKind = Literal["welcome", "answer", "dtmf", "goodbye"]
+
+# A later clause's synthesis waits while another call's latency-critical work runs (a transcription,
+# a first clause being generated or synthesized), as long as this much of its reply's audio is still
+# queued ahead of the caller, and for at most DEFER_MAX_S: on a few cores it would slow that work.
+DEFER_AHEAD_S = 1.0
+DEFER_MAX_S = 1.0
+DEFER_POLL_S = 0.02
 
 
 @dataclass
@@ -132,6 +140,8 @@ class Voice:
                 held.clear()
             await self.playout.push(seg, data)
 
+        if not urgent:
+            await self._defer_to_latency_critical_work()
         # aclosing: a cancelled reply must stop the synthesizer's generator now, not at GC time.
         synthesis = self.tts.synthesize(clause, speed=self.speed, urgent=urgent)
         async with contextlib.aclosing(synthesis) as chunks:  # type: ignore[type-var]
@@ -150,3 +160,13 @@ class Voice:
                 await self.playout.push(seg, chunk)
         await self.playout.end(seg)
         return seg
+
+    async def _defer_to_latency_critical_work(self) -> None:
+        waited = 0.0
+        while (
+            waited < DEFER_MAX_S
+            and CPU.latency_critical_now
+            and self.playout.queued_frames * FRAME_S > DEFER_AHEAD_S
+        ):
+            await asyncio.sleep(DEFER_POLL_S)
+            waited += DEFER_POLL_S

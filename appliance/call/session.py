@@ -122,7 +122,7 @@ class SessionConfig:
     speculative: bool = True
     # The first clause of a generated reply may end before a phrase-opening word once it has this
     # many words (see ``ClauseChunker``); 0: at punctuation only.
-    first_phrase_words: int = 3
+    first_phrase_words: int = 2
     goodbye_message: str = "Goodbye."
     timeout_message: str = "I'm sorry, we have reached the time limit for this call. Goodbye."
 
@@ -446,7 +446,9 @@ class CallSession:
             self._tg is not None
             and not self._closing
             and self._spec is None
-            and self._barge is None
+            # A confirmed barge-in has already stopped the agent: its words deserve a fast answer
+            # too. One still being checked (a noise?) must not start a reply.
+            and (self._barge is None or self._barge.confirmed)
             and self._listen is None
             and (self._reply is None or self._reply.finalized)
             and not self.playout.speaking()
@@ -605,6 +607,7 @@ class CallSession:
         """The silence held: the speculative reply is the answer. Let it be heard."""
         reply = spec.reply
         self.speculations_committed += 1
+        self._barge = None  # a confirmed interruption's words are answered: listen afresh
         log.info("call %s: caller said %r (voiced %.0f ms, speculative reply)",
                  self.info.call_uuid, spec.text, ended.voiced_ms)  # fmt: skip
         self._record_turn("caller", spec.text, ended.onset, ended.last_voiced)

@@ -10,6 +10,12 @@ held until it either turns into something new (then it is passed on at once) or 
 Only later sentences can be held, never the first, so the first clause's latency is untouched; a
 new sentence that merely opens like an earlier one ("You have the ...") is held for the few words
 they share.
+
+A loop can also vary one word ("He was a man who lived in the 19th century. ... in the 20th century.
+... in the 30th century."): such a sentence is only known for one at its end, when it has been passed
+on, so the reply stops after the ``max_variations``-th sentence that differs from an earlier one of
+the same length in a single word (a short list of the same shape, "You have the ten of clubs. You
+have the four of clubs.", still goes through).
 """
 
 from __future__ import annotations
@@ -26,12 +32,19 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(w.lower() for w in _WORD.findall(text))
 
 
+def _one_word_apart(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    return len(a) == len(b) and sum(x != y for x, y in zip(a, b, strict=True)) == 1
+
+
 class RepeatGuard:
     """Feed the reply's text deltas; pass on what ``feed`` and ``finish`` return. ``stopped`` turns
     true when the reply began to repeat a sentence of at least ``min_words`` words: stop generating."""
 
-    def __init__(self, *, min_words: int = 3):
+    def __init__(self, *, min_words: int = 3, max_variations: int = 2, variation_min_words: int = 5):
         self.min_words = min_words
+        self.max_variations = max_variations
+        self.variation_min_words = variation_min_words
+        self._variations = 0
         self.stopped = False
         self.text = ""  # everything passed on
         self._said: list[tuple[str, ...]] = []  # earlier sentences' words (long enough to count)
@@ -50,6 +63,9 @@ class RepeatGuard:
                 self.stopped = True
                 break
             out.append(self._take(cut))
+            if self._variations >= self.max_variations:
+                self.stopped = True
+                break
         if not self.stopped:
             out.append(self._release())
         text = "".join(out)
@@ -74,6 +90,8 @@ class RepeatGuard:
         """Pass on the rest of a complete sentence and start the next."""
         sentence, self._sentence = self._sentence[:cut], self._sentence[cut:]
         words = _words(sentence)
+        if len(words) >= self.variation_min_words and any(_one_word_apart(words, s) for s in self._said):
+            self._variations += 1
         if len(words) >= self.min_words:
             self._said.append(words)
         text, self._passed, self._new = sentence[self._passed :], 0, False

@@ -484,6 +484,7 @@ class LlamaLlm:
             log.exception("llm %s: scheduler stopped", self.model_id)
             raise
         finally:
+            CPU.mark_foreground(self, False)
             # Whatever happened, nobody may wait forever for a generation that will not run.
             with self._wake:
                 self._closed = True
@@ -500,6 +501,7 @@ class LlamaLlm:
                 running = [s.job for s in self._slots if s.job is not None]
                 ready = [j for j in running if j.pending and j.sent - j.taken < QUEUE_SIZE]
                 if not ready:
+                    CPU.mark_foreground(self, False)
                     if self._closed and not running and not self._waiting:
                         return
                     self._wake.wait(timeout=0.5)
@@ -584,6 +586,7 @@ class LlamaLlm:
         """One ``llama_decode`` over the chosen sequences, then a token sampled for each that has
         read all its input."""
         urgent = [j for j in ready if j.urgent]
+        CPU.mark_foreground(self, bool(urgent))
         if not urgent or (CPU.urgent_now and all(j.sent for j in urgent)):
             # Urgent work elsewhere (a transcription, a first clause's synthesis) is shorter than
             # what is left of a first clause already under way: let it have the cores first.

@@ -23,10 +23,25 @@ class CpuPriority:
         self._urgent = 0
         self._idle = threading.Condition()
         self.yielded = 0  # times background work waited (for tests and metrics)
+        self._foreground: set[int] = set()  # engines stepping latency-critical work of their own
 
     @property
     def urgent_now(self) -> int:
         return self._urgent
+
+    def mark_foreground(self, owner: object, active: bool) -> None:
+        """An engine that schedules its own urgent work (the LLM's first tokens of a reply) says
+        when it is doing so, without making itself wait as ``urgent`` would."""
+        if active:
+            self._foreground.add(id(owner))
+        else:
+            self._foreground.discard(id(owner))
+
+    @property
+    def latency_critical_now(self) -> bool:
+        """Someone waits in silence for work running now: background work that can be put off a
+        little (synthesis of a reply's later clauses while earlier ones play) should be."""
+        return bool(self._urgent or self._foreground)
 
     @contextmanager
     def urgent(self) -> Iterator[None]:

@@ -94,7 +94,8 @@ def test_first_clause_may_end_before_a_noun_phrase_after_a_verb() -> None:
     text = "You have the ten of clubs and the four of hearts."
     assert [c for _, c in feed(text, first_phrase_words=2)] == [
         "You have",
-        "the ten of clubs and the four of hearts.",
+        "the ten of clubs",  # a short first clause: the second may end at a phrase start too
+        "and the four of hearts.",
     ]
     # Three words first: no cut before "ten", so the first clause runs on to the next phrase start.
     assert [c for _, c in feed(text, first_phrase_words=3)] == [
@@ -118,3 +119,38 @@ def test_no_noun_phrase_cut_after_a_word_it_belongs_with_or_in_a_question() -> N
     assert [c for _, c in feed("What are your opening hours?", first_phrase_words=2)] == [
         "What are your opening hours?"
     ]
+
+
+def test_after_a_short_first_clause_the_second_comes_soon_and_the_third_waits_for_punctuation() -> None:
+    ch = ClauseChunker(first_phrase_words=2)
+    assert ch.push("He was not ") == []
+    assert ch.push("an ill") == ["He was not"]
+    # The second clause needs four words before a phrase start ("who"), then goes.
+    assert ch.push("-disposed young man who") == []
+    assert ch.push(" was kind to everyone he met in town and ") == [
+        "an ill-disposed young man",
+    ]
+    # The third waits for punctuation: "and" no longer cuts.
+    assert ch.push("all of his friends") == []
+    assert ch.push(". ") == ["who was kind to everyone he met in town and all of his friends."]
+    # Or at a comma, however short.
+    ch = ClauseChunker(first_phrase_words=2)
+    assert ch.push("You have the eight") == ["You have"]
+    assert ch.push(" of spades, four of clubs, seven") == ["the eight of spades,"]
+    assert ch.push(" of hearts.") == []
+    assert ch.flush() == "four of clubs, seven of hearts."
+    # A second clause that ends the reply goes at once, without waiting for the next character.
+    ch = ClauseChunker(first_phrase_words=2)
+    assert ch.push("You have the ten") == ["You have"]
+    assert ch.push(" of clubs.") == ["the ten of clubs."]
+    # After a first clause that ended at punctuation, the second waits for punctuation as before.
+    ch = ClauseChunker(first_phrase_words=2)
+    assert ch.push("Sure. We open at nine and close") == ["Sure."]
+    assert ch.push(" at five.") == []
+
+
+def test_no_cut_right_after_a_copula_or_modal() -> None:
+    for text in ("It is on its way.", "The ten of clubs is a card.", "We can help with that."):
+        clauses = [c for _, c in feed(text, first_phrase_words=2)]
+        assert not any(c.split()[-1] in ("is", "can") for c in clauses[:-1]), clauses
+    assert [c for _, c in feed("The ten of clubs is a card.", first_phrase_words=2)][0] == "The ten of clubs"

@@ -351,6 +351,29 @@ async def test_a_speculative_reply_is_heard_as_soon_as_a_complete_sentence_ends(
     await h.stop()
 
 
+async def test_the_words_of_a_confirmed_barge_in_are_answered_speculatively_too() -> None:
+    brain = SpeculativeBrain()
+    h = make_harness(brain=brain, asr_script=lambda s: "Wait, what are your hours?")
+    await h.start()
+    await _agent_talking(h)
+    before = (h.session.speculations, h.session.speculations_committed)
+    await h.feed(tone(1300))  # long enough to be confirmed as a barge-in
+    assert h.session.barge_ins == 1
+    voiced_end = h.clock.now()
+    await h.silence(2000)
+    assert (h.session.speculations, h.session.speculations_committed) == (before[0] + 1, before[1] + 1)
+    assert brain.turns[-1] == "Wait, what are your hours?"
+    # Answered at the shortened end of turn of a finished question, not after a fresh transcription.
+    answer_plays = [p for p in h.sink.plays() if p.at > voiced_end]
+    assert answer_plays and answer_plays[0].at - voiced_end <= 0.48
+    # And the session listens afresh: the next words are a normal turn, not part of a barge-in.
+    await h.feed(tone(600))
+    await h.silence(2000)
+    assert brain.turns.count("Wait, what are your hours?") == 3
+    assert h.session.barge_ins == 1
+    await h.stop()
+
+
 async def test_talking_on_after_a_pause_drops_the_speculative_reply_unheard() -> None:
     texts = iter(["Cancel my order.", "Cancel my order. No wait, where is it?"])
     brain = SpeculativeBrain(
@@ -397,7 +420,7 @@ async def test_a_speculative_function_call_is_dispatched_once_the_turn_is_certai
     await h.silence(1500)
     assert brain.dispatched == ["get_hours"]
     assert [c.name for c in h.recorder.function_calls] == ["get_hours"]
-    assert h.tts.spoken == ["We open at nine."]
+    assert " ".join(h.tts.spoken) == "We open at nine."  # "We open | at nine." with phrase cuts
     await h.stop()
 
 

@@ -53,3 +53,20 @@ def test_after_stopping_nothing_more_passes() -> None:
     assert guard.stopped
     assert guard.feed("Something new entirely. ") == ""
     assert guard.finish() == ""
+
+
+@pytest.mark.parametrize("step", [2, 200])
+def test_a_loop_that_varies_one_word_stops_after_its_second_variation(step: int) -> None:
+    text = (
+        "He was not ill-disposed. He was a man who lived in the 19th century. He was a man who lived "
+        "in the 20th century. He was a man who lived in the 30th century. He was a man who lived in the"
+    )
+    out, guard = feed(text, step)
+    assert guard.stopped
+    assert "".join(out).strip() == text[: text.index("30th century.") + len("30th century.")]
+
+
+def test_two_sentences_of_the_same_shape_are_not_a_loop() -> None:
+    text = "You have the ten of clubs. You have the four of clubs. Is that right?"
+    out, guard = feed(text, 3)
+    assert not guard.stopped and "".join(out) == text

@@ -27,6 +27,7 @@ from appliance.engines.llm import (
     _TextOut,
     tighten_string_chars,
 )
+from appliance.engines.priority import CPU
 from appliance.engines.types import ChoiceDiffers
 from appliance.model_manifest import Manifest, ModelCorrupt, ModelNotInstalled
 
@@ -510,6 +511,25 @@ async def test_an_urgent_generation_goes_before_background_work(smol: LlamaLlm) 
     during = [t for t in background_pieces if started < t < ended]
     assert len(during) <= (ended - started) / BACKGROUND_MAX_WAIT_S + 2, (len(during), ended - started)
     assert urgent_stats.completion_tokens == URGENT_TOKENS and urgent_stats.finish == "length"
+
+
+async def test_the_engine_says_when_it_steps_urgent_work_and_when_it_stops(smol: LlamaLlm) -> None:
+    """Other engines put background work off while a reply's first tokens are computed."""
+    seen: list[bool] = []
+    async for _ in smol.stream(smol.format_chat(COUNTING), max_tokens=URGENT_TOKENS + 8, background=False):
+        seen.append(CPU.latency_critical_now)
+    assert seen[1] is True  # its first tokens
+    assert seen[-1] is False  # past URGENT_TOKENS: no longer urgent
+    for _ in range(50):  # and once idle, certainly not
+        if not CPU.latency_critical_now:
+            break
+        await asyncio.sleep(0.02)
+    assert not CPU.latency_critical_now
+    background = [
+        CPU.latency_critical_now
+        async for _ in smol.stream(smol.format_chat(COUNTING), max_tokens=6, background=True)
+    ]
+    assert not any(background)
 
 
 async def test_a_failed_decode_fails_its_generations_and_the_engine_goes_on(
