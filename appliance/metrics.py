@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 from .call.records import CallEvent, CallFinished, CallStarted, FunctionCallRecord, TurnRecord
+from .runtime import resident_bytes
 
 if TYPE_CHECKING:
     from .server import AppState
@@ -379,13 +380,8 @@ class CallObserver:
 
 def _process_figures() -> tuple[int | None, int | None]:
     """Resident bytes and open descriptors from /proc (None where there is no /proc)."""
-    rss: int | None = None
+    rss = resident_bytes()
     fds: int | None = None
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        pass
     try:
         fds = len(os.listdir("/proc/self/fd"))
     except OSError:

@@ -83,9 +83,14 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return cast(Callable[[int], int], trim)
 
 
-def _rss_mb() -> float:
+def resident_bytes() -> int | None:
+    """This process's resident memory from /proc (None where there is no /proc)."""
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        return 0.0
+        return None
+
+
+def _rss_mb() -> float:
+    return (resident_bytes() or 0) / 2**20
