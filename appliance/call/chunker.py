@@ -132,6 +132,7 @@ class ClauseChunker:
     def _phrase_cut(self, buf: str, min_words: int) -> int | None:
         """Before the first complete phrase-opening word that follows ``min_words`` words."""
         words = list(_WORD.finditer(buf))
+        question_at = next((i for i, w in enumerate(words) if _bare(w.group()) in _QUESTION_WORD), len(words))
         for k in range(min_words, len(words)):
             word = words[k]
             if word.end() >= len(buf):  # not known to be complete yet ("is" may become "island")
@@ -145,7 +146,7 @@ class ClauseChunker:
             if (
                 opening in _NOUN_PHRASE_START
                 and before not in _BINDS_NOUN_PHRASE
-                and not any(_bare(w.group()) in _QUESTION_WORD for w in words[:k])
+                and question_at >= k  # no question word before it
             ):
                 return word.start()
         return None
