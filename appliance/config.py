@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config.toml"
@@ -70,6 +70,13 @@ class AsrSettings(_Section):
     window_s: float = 8.0
 
 
+class TtsSettings(_Section):
+    # onnxruntime's CPU arena: 15-40% faster synthesis, but it keeps the largest sentence's memory.
+    memory_arena: bool = False
+    # Replayed audio of short clauses heard before (a few hundred); 0 turns the cache off.
+    phrase_cache_mb: float = Field(default=8.0, ge=0)
+
+
 class LimitSettings(_Section):
     max_upload_bytes: int = 10 * 1024 * 1024
     handler_timeout_s: float = 5.0
@@ -113,6 +120,7 @@ class Settings(_Section):
     gpu: GpuSettings = GpuSettings()
     llm: LlmSettings = LlmSettings()
     asr: AsrSettings = AsrSettings()
+    tts: TtsSettings = TtsSettings()
     limits: LimitSettings = LimitSettings()
     call: CallSettings = CallSettings()
 

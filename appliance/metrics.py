@@ -294,6 +294,12 @@ class ApplianceMetrics:
         self.engine_busy = r.gauge(
             "appliance_engine_busy", "1 while the engine's worker is inside a request.", ["role", "model"]
         )
+        self.phrase_cache_lookups = r.gauge(
+            "appliance_tts_phrase_cache_lookups",
+            "Short clauses looked up in a voice's cache of synthesized phrases since start, by outcome "
+            "(hit: replayed without synthesis).",
+            ["model", "outcome"],
+        )
         # The process.
         self.resident_memory = r.gauge(
             "appliance_process_resident_memory_bytes", "Resident memory of the appliance process."
@@ -316,6 +322,7 @@ class ApplianceMetrics:
         self.engines_ready.set(1 if state.engines.status.ready else 0)
         self.engine_queue_depth.clear()
         self.engine_busy.clear()
+        self.phrase_cache_lookups.clear()
         for spec in state.manifest:
             engine = state.engines.peek(spec.role, spec.id)
             if engine is None:
@@ -326,6 +333,10 @@ class ApplianceMetrics:
             busy = getattr(engine, "busy", None)
             if isinstance(busy, bool):
                 self.engine_busy.set(1 if busy else 0, role=spec.role, model=spec.id)
+            phrases = getattr(engine, "phrases", None)
+            if phrases is not None:
+                self.phrase_cache_lookups.set(phrases.hits, model=spec.id, outcome="hit")
+                self.phrase_cache_lookups.set(phrases.misses, model=spec.id, outcome="miss")
         self.uptime.set(round(time.monotonic() - _PROCESS_STARTED, 3))
         rss, fds = _process_figures()
         if rss is not None:

@@ -54,7 +54,10 @@ def load_asr() -> WhisperAsr:
 def load_tts() -> PiperTts:
     s = engine_test_settings()
     path = engine_manifest().path(s.models.tts, "tts")
-    return PiperTts(s.models.tts, path, threads=s.threads.tts)
+    return PiperTts(
+        s.models.tts, path, threads=s.threads.tts, memory_arena=s.tts.memory_arena,
+        phrase_cache_bytes=int(s.tts.phrase_cache_mb * 2**20),
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,10 @@ class EngineRegistry:
         if role == "tts":
             from .tts import PiperTts
 
-            return PiperTts(model_id, path, threads=s.threads.tts)
+            return PiperTts(
+                model_id, path, threads=s.threads.tts, memory_arena=s.tts.memory_arena,
+                phrase_cache_bytes=int(s.tts.phrase_cache_mb * 2**20),
+            )  # fmt: skip
         if role == "embed":
             from .embed import MiniLmEmbedder
 

@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
@@ -28,6 +30,7 @@ from appliance.call.records import (
     TeeRecorder,
     TurnRecord,
 )
+from appliance.engines.tts import PhraseCache
 from appliance.metrics import ApplianceMetrics, Registry
 from appliance.server import create_app
 from appliance.store.accounts import get_account
@@ -125,6 +128,7 @@ EXPECTED = {
     "appliance_engines_ready": "gauge",
     "appliance_engine_queue_depth": "gauge",
     "appliance_engine_busy": "gauge",
+    "appliance_tts_phrase_cache_lookups": "gauge",
     "appliance_process_resident_memory_bytes": "gauge",
     "appliance_process_open_fds": "gauge",
     "appliance_uptime_seconds": "gauge",
@@ -355,6 +359,24 @@ async def test_engine_queue_depths_are_read_at_scrape_time(
     families = await scrape(client)
     assert families["appliance_engine_queue_depth"].value(role="asr", model=state.settings.models.asr) == 0
     assert families["appliance_engine_busy"].value(role="llm", model=state.settings.models.llm) == 0
+
+
+async def test_phrase_cache_lookups_are_read_at_scrape_time(
+    app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = app.state.appliance
+    tts_id = state.settings.models.tts
+    voice = SimpleNamespace(phrases=PhraseCache(max_bytes=1000))
+    loaded: dict[tuple[str, str], Any] = {("tts", tts_id): voice}
+    monkeypatch.setattr(state.engines, "peek", lambda role, model_id=None: loaded.get((role, model_id)))
+    key = ("You have", 1.0)
+    voice.phrases.get(key)
+    voice.phrases.put(key, [np.zeros(10, dtype=np.int16)])
+    voice.phrases.get(key)
+    voice.phrases.get(key)
+    lookups = (await scrape(client))["appliance_tts_phrase_cache_lookups"]
+    assert lookups.value(model=tts_id, outcome="hit") == 2
+    assert lookups.value(model=tts_id, outcome="miss") == 1
 
 
 # -- access -------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ import pytest
 
 from appliance.audio.resample import StreamResampler
 from appliance.engines.asr import WhisperAsr
-from appliance.engines.tts import QUEUE_CHUNKS, PiperTts, TtsLoadError
+from appliance.engines.tts import PHRASE_MAX_CHARS, QUEUE_CHUNKS, PhraseCache, PiperTts, TtsLoadError
+from appliance.runtime import HeapTrimmer, resident_bytes
+from tests.engine_fixtures import load_tts
 from tests.speech import dbfs, normalize_text, telephone_16k, wer
 
 TEXT = "Thank you for calling the dental office. Your appointment is confirmed for Tuesday morning."
@@ -154,3 +156,113 @@ async def test_paused_consumers_do_not_starve_other_calls(tts_engine: PiperTts) 
     finally:
         for stream in paused:
             await stream.aclose()
+
+
+# -- the phrase cache ------------------------------------------------------------------------------
+
+
+def test_phrase_cache_evicts_least_recently_used_by_bytes() -> None:
+    cache = PhraseCache(max_bytes=3000)
+    chunk = np.ones(500, dtype=np.int16)  # 1000 bytes
+    keys = [PhraseCache.key(f"phrase {i}", 1.0) for i in range(3)]
+    assert all(key is not None for key in keys)
+    for key in keys:
+        cache.put(key, [chunk])  # type: ignore[arg-type]
+    assert cache.get(keys[0]) is not None  # now the most recently used
+    cache.put(PhraseCache.key("phrase 3", 1.0), [chunk])  # type: ignore[arg-type]
+    assert cache.get(keys[1]) is None  # the least recently used went
+    assert cache.get(keys[0]) is not None and cache.get(keys[2]) is not None
+    assert cache.bytes == 3000 and len(cache) == 3
+    assert (cache.hits, cache.misses) == (3, 1)
+
+
+def test_phrase_cache_keeps_only_short_phrases_and_frozen_copies() -> None:
+    assert PhraseCache.key("x" * (PHRASE_MAX_CHARS + 1), 1.0) is None
+    assert PhraseCache.key("  You have ", 1.0) == ("You have", 1.0)
+    assert PhraseCache.key("You have", 1.0) != PhraseCache.key("You have", 1.5)
+    cache = PhraseCache(max_bytes=1000)
+    key = ("You have", 1.0)
+    cache.put(key, [np.ones(600, dtype=np.int16)])  # bigger than the whole cache
+    assert cache.get(key) is None and cache.bytes == 0
+    source = np.arange(100, dtype=np.int16)
+    cache.put(key, [source])
+    source[:] = 0  # the producer's buffer may be reused; the cache must not see it
+    (kept,) = cache.get(key) or ()
+    assert kept[5] == 5 and not kept.flags.writeable
+
+
+async def test_a_repeated_short_clause_is_replayed_without_synthesis(
+    tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    produced, _ = _instrument(tts_engine, monkeypatch)
+    text = "Sure, one moment."
+    first = await _collect(tts_engine, text)
+    synthesized = len(produced)
+    assert synthesized == 1
+    hits = tts_engine.phrases.hits
+    again = await _collect(tts_engine, f" {text} ")
+    assert len(produced) == synthesized  # no new synthesis
+    assert tts_engine.phrases.hits == hits + 1
+    assert [c.tolist() for c in again] == [c.tolist() for c in first]
+    # Another speed is other audio.
+    await _collect(tts_engine, text, speed=1.25)
+    assert len(produced) == synthesized + 1
+
+
+async def test_a_clause_cut_short_is_not_cached(
+    tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    produced, finished = _instrument(tts_engine, monkeypatch)
+    text = "First part. Second part. Third part."
+    stream = tts_engine.synthesize(text)
+    await anext(stream)
+    await stream.aclose()  # a barge-in
+    assert await asyncio.to_thread(finished.wait, 30.0)
+    assert tts_engine.phrases.key(text, 1.0) not in tts_engine.phrases._items
+    before = len(produced)
+    assert len(await _collect(tts_engine, text)) == 3
+    assert len(produced) == before + 3  # synthesized in full, not replayed from a partial entry
+
+
+async def test_cache_off_synthesizes_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    tts = load_tts()
+    uncached = PiperTts("uncached", tts.model_dir, threads=1, phrase_cache_bytes=0)
+    try:
+        produced, _ = _instrument(uncached, monkeypatch)
+        for _ in range(2):
+            await _collect(uncached, "Sure.")
+        assert len(produced) == 2 and len(uncached.phrases) == 0
+    finally:
+        uncached.close()
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+RUN_ON = (
+    "Eight of spades four of clubs seven of hearts two of diamonds ace of spades king of hearts queen "
+    "of clubs jack of diamonds and the ten of spades as well as the nine of hearts and the three"
+)
+
+
+def _resident_after_trim() -> float:
+    HeapTrimmer(min_interval_s=0).trim()
+    return (resident_bytes() or 0) / 2**20
+
+
+@pytest.mark.skipif(not HeapTrimmer().available, reason="needs glibc's malloc_trim")
+def test_long_sentences_leave_no_memory_behind_without_the_arena() -> None:
+    path = load_tts().model_dir
+    results = {}
+    for arena in (True, False):
+        tts = PiperTts(f"arena-{arena}", path, threads=2, memory_arena=arena, phrase_cache_bytes=0)
+        try:
+            before = _resident_after_trim()
+            for _ in range(2):
+                tts.synthesize_sync(RUN_ON)
+            results[arena] = _resident_after_trim() - before
+        finally:
+            tts.close()
+            del tts
+    # With onnxruntime's arena a 180-character sentence keeps ~200 MB; without it, nothing.
+    assert results[True] > 80, results
+    assert results[False] < 20, results
