@@ -42,6 +42,13 @@ _BINDS_NOUN_PHRASE = frozenset(
     "some every any no".split()
 )
 _QUESTION_WORD = frozenset("what which who whom whose how where when why".split())
+# A number opens a noun phrase like a determiner ("You have | eight of spades", "It takes | 3 days"),
+# but never inside a run of numbers ("5 | 5 5 1", "twenty | five").
+_NUMBER_WORD = frozenset(
+    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred "
+    "thousand million".split()
+)
 _WORD = re.compile(r"\S+")
 # After a first clause cut at a phrase start, the second may end at one too once it has this many words.
 SECOND_PHRASE_WORDS = 4
@@ -144,8 +151,9 @@ class ClauseChunker:
             if opening in _PHRASE_START:
                 return word.start()
             if (
-                opening in _NOUN_PHRASE_START
+                (opening in _NOUN_PHRASE_START or _is_number(_bare(opening)))
                 and before not in _BINDS_NOUN_PHRASE
+                and not _is_number(before)
                 and question_at >= k  # no question word before it
             ):
                 return word.start()
@@ -154,6 +162,10 @@ class ClauseChunker:
 
 def _bare(word: str) -> str:
     return word.strip(".,;:!?\"'()").lower()
+
+
+def _is_number(bare: str) -> bool:
+    return bare in _NUMBER_WORD or bare[:1].isdigit() or bare[:1] in "$£€"
 
 
 def _ends_sentence(buf: str) -> bool:

@@ -149,6 +149,27 @@ def test_after_a_short_first_clause_the_second_comes_soon_and_the_third_waits_fo
     assert ch.push(" at five.") == []
 
 
+def test_a_number_opens_a_noun_phrase_but_a_run_of_numbers_stays_whole() -> None:
+    for text, first in (
+        ("You have eight of spades, four of clubs.", "You have"),
+        ("You have 8 of spades and 4 of clubs.", "You have"),
+        ("That costs $12 per month.", "That costs"),
+    ):
+        assert [c for _, c in feed(text, first_phrase_words=2)][0] == first, text
+    numbers = {"five", "one", "twenty", "2", "5", "4", "1"}
+    for text in (
+        "Your number is 5 5 5 1 2 3 4 today.",
+        "I heard five five five one two three four.",
+        "We have twenty five tables.",
+        "Your order 1 2 3 4 will arrive today.",
+    ):
+        clauses = [c for _, c in feed(text, first_phrase_words=2)]
+        assert " ".join(clauses) == text
+        for clause, after in zip(clauses, clauses[1:], strict=False):
+            assert not (clause.split()[-1] in numbers and after.split()[0] in numbers), (text, clauses)
+    assert [c for _, c in feed("Please wait 2 minutes.", first_phrase_words=2)][0] == "Please wait"
+
+
 def test_no_cut_right_after_a_copula_or_modal() -> None:
     for text in ("It is on its way.", "The ten of clubs is a card.", "We can help with that."):
         clauses = [c for _, c in feed(text, first_phrase_words=2)]
