@@ -93,10 +93,7 @@ class ClauseChunker:
 
     def _find_cut(self) -> int | None:
         buf = self._buf
-        # The first clause, and the second after a short first one, may be short: the caller is
-        # waiting for it (or would hear a silence mid-sentence without it).
-        soon = self._emitted == 0 or (self._emitted == 1 and self._short_first)
-        min_chars = self.first_min_chars if soon else self.min_clause_chars
+        min_chars = self.first_min_chars if self._soon else self.min_clause_chars
         # A punctuation mark counts only once the next character is known to be a space.
         for i in range(len(buf) - 1):
             ch = buf[i]
@@ -123,18 +120,22 @@ class ClauseChunker:
             return space if space > 0 else self.max_chars
         return None
 
+    @property
+    def _soon(self) -> bool:
+        """The first clause, and the second after a short first one, may be short: the caller is
+        waiting for it (or would hear a silence mid-sentence without it)."""
+        return self._emitted == 0 or (self._emitted == 1 and self._short_first)
+
     def _phrase_words(self) -> int:
         """Words a clause needs before it may end at a phrase start: the first clause's setting; for
         the second one too when the first was cut short that way ("You have"), since its audio is
         soon over and a second clause waiting for punctuation would leave the caller in silence
         mid-sentence; 0 (punctuation only) after that."""
-        if self.first_phrase_words <= 0:
+        if self.first_phrase_words <= 0 or not self._soon:
             return 0
         if self._emitted == 0:
             return self.first_phrase_words
-        if self._emitted == 1 and self._short_first:
-            return max(SECOND_PHRASE_WORDS, self.first_phrase_words)
-        return 0
+        return max(SECOND_PHRASE_WORDS, self.first_phrase_words)
 
     def _phrase_cut(self, buf: str, min_words: int) -> int | None:
         """Before the first complete phrase-opening word that follows ``min_words`` words."""
