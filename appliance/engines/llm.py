@@ -15,7 +15,12 @@ cells, no data copied).
 Latency first: a generation's prompt and first ``URGENT_TOKENS`` tokens are urgent (a caller waits
 in silence for them). While any generation is urgent, the others (the rest of a reply already
 being spoken, a prewarm) only get a step when they have waited ``BACKGROUND_MAX_WAIT_S``: on a CPU
-a decode step costs nearly in proportion to the tokens in it.
+a decode step costs nearly in proportion to the tokens in it. A slot goes to a generation someone
+waits for before any background one, and if none is free it takes a prewarm's (``_admit``).
+
+Generations reading the same prompt prefix at once (calls to the same agent starting together) do not
+compute it side by side: a background one waits while another reads ahead, and any one still reading
+its prompt copies the cells others have evaluated since it started (``_catch_up``).
 
 Pieces reach the consumer through a queue bounded by ``QUEUE_SIZE`` (a sequence whose consumer is
 that far behind is left out of the batch); closing the iterator (``aclose``, or cancellation while
@@ -33,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import ctypes
+import functools
 import json
 import logging
 import re
@@ -157,6 +163,15 @@ class _Job:
     @property
     def urgent(self) -> bool:
         return not self.background and self.stats.completion_tokens < URGENT_TOKENS
+
+    @functools.cached_property
+    def prompt_ids(self) -> npt.NDArray[np.intc]:
+        return np.asarray(self.prompt, dtype=np.intc)
+
+    @property
+    def reading(self) -> bool:
+        """Still reading its prompt, with more than the last token (which gives its logits) left."""
+        return len(self.pending) > 1 and self.stats.completion_tokens == 0
 
     def post(self, item: object) -> None:
         try:
@@ -294,6 +309,7 @@ class LlamaLlm:
         self._jobs: set[_Job] = set()
         self._running = 0
         self._closed = False
+        self.preempted = 0  # background generations stopped to free a slot for an urgent one
         self._warm_up()
         self._thread = threading.Thread(target=self._run, name=f"llm-{model_id}", daemon=True)
         self._thread.start()
@@ -521,18 +537,41 @@ class LlamaLlm:
             self._waiting.clear()
 
     def _admit(self) -> None:
-        """Give waiting generations a slot each, oldest first."""
+        """Give waiting generations a slot each. Someone waits for those that are not background, so
+        they go first (oldest first), and one takes a prewarm's slot rather than wait: its own
+        conversation's prewarm (whose cells are its own prefix), else the prewarm with the most left
+        to read. A prewarm only saves a later turn some prompt reading, and what it has read stays in
+        its slot for that turn to keep or copy."""
         while self._waiting:
-            job = self._waiting[0]
-            slot = self._free_slot(job)
+            job = next((j for j in self._waiting if not j.background), self._waiting[0])
+            slot = None if job.background else self._prewarm_slot(job)
+            slot = slot or self._free_slot(job)
+            if slot is None and not job.background:
+                slot = self._prewarm_slot(job, any_conversation=True)
             if slot is None:
                 return
-            self._waiting.pop(0)
+            self._waiting.remove(job)
             try:
                 self._start(job, slot)
             except Exception as exc:  # this generation fails, not the engine
                 log.exception("llm %s: could not start a generation", self.model_id)
                 self._finish(job, "error", exc)
+
+    def _prewarm_slot(self, job: _Job, *, any_conversation: bool = False) -> _Slot | None:
+        """Stop a running background generation and return its slot: the one of ``job``'s own
+        conversation, or with ``any_conversation`` the one with the most prompt left to read."""
+        prewarms = [
+            s for s in self._slots
+            if s.job is not None and s.job.background
+            and (any_conversation or (job.cache_key is not None and s.owner == job.cache_key))
+        ]  # fmt: skip
+        if not prewarms:
+            return None
+        slot = max(prewarms, key=lambda s: len(s.job.pending) if s.job is not None else 0)
+        assert slot.job is not None
+        self._finish(slot.job, "cancelled")
+        self.preempted += 1
+        return slot
 
     def _free_slot(self, job: _Job) -> _Slot | None:
         free = [s for s in self._slots if s.job is None]
@@ -551,7 +590,7 @@ class LlamaLlm:
         job.stats.queued_s = now - job.submitted
         job.slot, slot.job, slot.owner = slot, job, job.cache_key
         self._running += 1
-        prompt = np.asarray(job.prompt, dtype=np.intc)
+        prompt = job.prompt_ids
         own = _common_prefix(np.asarray(slot.tokens, dtype=np.intc), prompt)
         donor, shared = slot, own
         for other in self._slots:
@@ -585,6 +624,10 @@ class LlamaLlm:
     def _step(self, ready: list[_Job]) -> None:
         """One ``llama_decode`` over the chosen sequences, then a token sampled for each that has
         read all its input."""
+        for job in ready:
+            if job.reading:
+                self._catch_up(job)
+        ready = self._without_followers(ready)
         urgent = [j for j in ready if j.urgent]
         CPU.mark_foreground(self, bool(urgent))
         if not urgent or (CPU.urgent_now and all(j.sent for j in urgent)):
@@ -644,6 +687,54 @@ class LlamaLlm:
         for job, _, row in plan:
             if row is not None and job.slot is not None and job.slot.job is job:  # unless a check retired it
                 self._guarded(job, self._sample, row)
+
+    def _catch_up(self, job: _Job) -> None:
+        """Copy into a generation still reading its prompt the cells another slot has evaluated of
+        it since it started (another call of the same agent, reading the same system prompt)."""
+        slot = job.slot
+        assert slot is not None
+        own = len(slot.tokens)
+        limit = len(job.prompt) - 1  # the last prompt token is evaluated again for its logits
+        if job.check_index >= 0:
+            limit = min(limit, job.check_index)  # and the choosing one
+        if limit - own < MIN_SHARED_PREFIX:
+            return
+        prompt = job.prompt_ids[:limit]
+        donor, shared = None, own + MIN_SHARED_PREFIX - 1
+        for other in self._slots:
+            if other is not slot and len(other.tokens) > shared:
+                n = _common_prefix(np.asarray(other.tokens, dtype=np.intc), prompt)
+                if n > shared:
+                    donor, shared = other, n
+        if donor is None:
+            return
+        llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, own, shared)
+        slot.tokens.extend(job.prompt[own:shared])
+        del job.pending[: shared - own]
+        job.stats.restored_tokens += shared - own
+        job.stats.cached_tokens += shared - own
+
+    def _without_followers(self, ready: list[_Job]) -> list[_Job]:
+        """Background generations reading a prompt that another one ahead of them is reading too
+        (prewarms of calls to the same agent) wait and copy its cells, instead of computing the same
+        ones side by side."""
+        readers = sorted(
+            (j for j in ready if j.reading), key=lambda j: (-len(j.prompt) + len(j.pending), j.submitted)
+        )
+        followers = set()
+        for index, job in enumerate(readers):
+            if not job.background:
+                continue
+            assert job.slot is not None
+            own = len(job.slot.tokens)
+            for leader in readers[:index]:
+                if (
+                    leader not in followers
+                    and _common_prefix(leader.prompt_ids, job.prompt_ids) - own >= MIN_SHARED_PREFIX
+                ):
+                    followers.add(job)
+                    break
+        return [j for j in ready if j not in followers]
 
     def _guarded(self, job: _Job, action: Any, row: int) -> None:
         """Run one job's sampling step; a failure ends that generation, not the others."""

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -530,6 +533,112 @@ async def test_the_engine_says_when_it_steps_urgent_work_and_when_it_stops(smol:
         async for _ in smol.stream(smol.format_chat(COUNTING), max_tokens=6, background=True)
     ]
     assert not any(background)
+
+
+_STATS_LINE = re.compile(
+    r"prompt (\d+) tokens \((\d+) cached, (\d+) copied\), (\d+) generated, queued (\d+) ms.*, (\w+)$"
+)
+
+
+@dataclass
+class _Logged:
+    prompt: int
+    cached: int
+    copied: int
+    queued_ms: int
+    finish: str
+
+
+def _logged_generations(caplog: pytest.LogCaptureFixture) -> list[_Logged]:
+    """Every generation's stats line since the capture began (one per generation, as it retires)."""
+    found = []
+    for record in caplog.records:
+        match = _STATS_LINE.search(record.getMessage())
+        if record.name == llm_module.log.name and match:
+            prompt, cached, copied, _, queued, finish = match.groups()
+            found.append(_Logged(int(prompt), int(cached), int(copied), int(queued), finish))
+    return found
+
+
+def _rules(agent: str, count: int = 60) -> str:
+    return f"You are {agent}. " + " ".join(f"Rule {i}: answer in {agent}'s words." for i in range(count))
+
+
+async def _prewarm(llm: LlamaLlm, prompt: str, **kwargs: Any) -> str:
+    return await _collect(llm, prompt, max_tokens=0, background=True, **kwargs)
+
+
+async def _until_running(llm: LlamaLlm) -> None:
+    for _ in range(200):
+        if llm.busy:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the generation never started")
+
+
+async def test_prewarms_of_one_agent_read_its_prompt_once(
+    smol: LlamaLlm, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Calls to the same agent starting together: one prewarm reads the shared system prompt, the
+    others copy its cells as they are made instead of computing the same ones side by side."""
+    rules = _rules("the night porter of a mountain hotel")  # text no other test has used
+    prompts = [
+        smol.format_chat([{"role": "system", "content": f"{rules} Guest {n}."}]) for n in ("A", "B", "C")
+    ]
+    caplog.set_level(logging.INFO, logger=llm_module.log.name)
+    await asyncio.gather(*(_prewarm(smol, p, cache_key=f"porter-{i}") for i, p in enumerate(prompts)))
+    runs = _logged_generations(caplog)
+    assert len(runs) == 3 and all(r.finish == "length" for r in runs)
+    shared = smol.count_tokens(rules)
+    assert shared > 400
+    evaluated = sum(r.prompt - r.cached for r in runs)
+    # One whole prompt plus two tails (each tail also re-reads the last token for its logits);
+    # side by side it would be three whole prompts.
+    assert evaluated < max(r.prompt for r in runs) + 60, runs
+    assert sorted(r.copied for r in runs)[1:] >= [shared - 32] * 2, runs
+
+
+async def test_an_urgent_generation_takes_a_prewarms_slot_instead_of_waiting(
+    one_slot: LlamaLlm, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=llm_module.log.name)
+    long_prompt = one_slot.format_chat([{"role": "system", "content": _rules("a lighthouse keeper", 150)}])
+    assert one_slot.count_tokens(long_prompt) > 1200
+    preempted = one_slot.preempted
+    prewarm = asyncio.create_task(_prewarm(one_slot, long_prompt, cache_key="keeper"))
+    await _until_running(one_slot)
+    await asyncio.sleep(0.05)
+    answer = await _collect(one_slot, one_slot.format_chat(COUNTING), max_tokens=4)
+    assert "1" in answer
+    assert await prewarm == ""  # its stream simply ended: a prewarm is only an optimization
+    runs = _logged_generations(caplog)
+    assert [r.finish for r in runs] == ["cancelled", "length"], runs
+    assert runs[0].cached + 100 < runs[0].prompt  # it was stopped well before the end of its prompt
+    assert runs[1].queued_ms < 500  # one background step at most, not the whole prompt
+    assert one_slot.preempted == preempted + 1
+
+
+async def test_a_turn_takes_over_its_own_conversations_prewarm(
+    smol: LlamaLlm, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Even with slots free: the prewarm's cells are the turn's own prefix, and reading on beside
+    it would compute them twice."""
+    caplog.set_level(logging.INFO, logger=llm_module.log.name)
+    system = {"role": "system", "content": _rules("a ferry timetable clerk", 120)}
+    prefix = smol.format_chat([system], add_generation_prompt=False)
+    turn = smol.format_chat([system, {"role": "user", "content": "When is the next ferry?"}])
+    assert turn.startswith(prefix)
+    preempted = smol.preempted
+    prewarm = asyncio.create_task(_prewarm(smol, prefix, cache_key="clerk"))
+    await _until_running(smol)
+    await asyncio.sleep(0.05)
+    assert await _collect(smol, turn, max_tokens=4, cache_key="clerk")
+    await prewarm
+    runs = _logged_generations(caplog)
+    assert [r.finish for r in runs] == ["cancelled", "length"], runs
+    assert smol.preempted == preempted + 1
+    # The turn kept what the prewarm had read, in the same slot (kept, not copied).
+    assert runs[1].cached >= runs[0].cached > 0 and runs[1].copied == 0, runs
 
 
 async def test_a_failed_decode_fails_its_generations_and_the_engine_goes_on(
