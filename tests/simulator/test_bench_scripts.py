@@ -340,6 +340,7 @@ def test_bench_load_one_short_real_run(tmp_path: Path) -> None:
         assert not Path(f"/proc/{server['pid']}").exists()  # stopped and reaped
     assert data["max_rss_mb"] > data["bench_max_rss_mb"]  # the figures are the server's, not the callers'
     assert "python -m appliance serve" in r.stdout
+    assert data["baseline_seconds"] == 2.0  # level 1, every level's yardstick, runs twice as long
     (level,) = data["levels"]
     assert level["level"] == 1 and level["calls"] == 1 and level["turns"] == 1
     assert level["answered"] == 1 and level["unanswered"] == 0 and level["violations"] == 0
