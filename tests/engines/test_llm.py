@@ -24,6 +24,7 @@ from appliance.engines.llm import (
     BACKGROUND_MAX_WAIT_S,
     QUEUE_SIZE,
     STRICT_STRING_CHAR,
+    URGENT_PROMPT_CHUNK,
     URGENT_TOKENS,
     LlamaLlm,
     PromptTooLong,
@@ -639,6 +640,35 @@ async def test_a_turn_takes_over_its_own_conversations_prewarm(
     assert smol.preempted == preempted + 1
     # The turn kept what the prewarm had read, in the same slot (kept, not copied).
     assert runs[1].cached >= runs[0].cached > 0 and runs[1].copied == 0, runs
+
+
+async def test_a_long_prompt_is_read_in_chunks_while_another_reply_writes_its_first_clause(
+    smol: LlamaLlm,
+) -> None:
+    """Read in one go, another call's 1,500-token prompt would hold up a first clause being written
+    for the whole read (seconds on a CPU); in chunks, that reply keeps getting tokens meanwhile."""
+    writing: list[float] = []
+    first_token = asyncio.Event()
+
+    async def reply() -> None:
+        async for _ in smol.stream(smol.format_chat(COUNTING), max_tokens=URGENT_TOKENS):
+            writing.append(time.monotonic())
+            first_token.set()
+
+    task = asyncio.create_task(reply())
+    await first_token.wait()
+    long_prompt = smol.format_chat([{"role": "system", "content": _rules("a museum night guard", 80)}])
+    assert smol.count_tokens(long_prompt) > 3 * URGENT_PROMPT_CHUNK
+    started = time.monotonic()
+    await _collect(smol, long_prompt, max_tokens=1)
+    ended, read = time.monotonic(), smol.last_stats
+    await task
+    assert read.prompt_tokens - read.cached_tokens > 3 * URGENT_PROMPT_CHUNK  # it did read its prompt
+    # One step per chunk, each also giving the reply its next token (it had only 15 left to write).
+    during = [t for t in writing if started < t < ended]
+    assert len(during) >= min(
+        URGENT_TOKENS - 2, (read.prompt_tokens - read.cached_tokens) // URGENT_PROMPT_CHUNK - 1
+    )
 
 
 async def test_a_failed_decode_fails_its_generations_and_the_engine_goes_on(
