@@ -361,8 +361,13 @@ class CallSession:
         """A hold that did not turn into speech was a blip: carry on talking."""
         if self._hold_until is None:
             return
-        if self._barge is not None or self.detector.in_speech:
+        if self._barge is not None:
             self._hold_until = None  # speech started: the barge-in logic owns the pause now
+        elif self.detector.in_speech:
+            # Speech started after the agent had finished: there is nothing to interrupt, and a
+            # pause nobody owns would keep the answer to these words from ever being heard.
+            self._hold_until = None
+            self.playout.resume()
         elif now >= self._hold_until:
             self._hold_until = None
             self.playout.resume()
@@ -515,6 +520,7 @@ class CallSession:
         if reply is None or reply.finalized:
             if self.playout.speaking():
                 await self.playout.clear()
+            self.playout.resume()  # paused for this barge-in: nothing left to stop, the answer must play
             return
         if reply.task is not None and not reply.task.done():
             # Not awaited: its clean-up (a generation stopping at the next token) may take a while,
@@ -523,6 +529,7 @@ class CallSession:
             reply.task.cancel()
         if reply.audio_sent or self.playout.speaking():
             await self.playout.clear()
+        self.playout.resume()  # (``clear`` resumes too) the reply is cancelled: what comes next must play
         self.barge_ins += 1
         if reply.input_text and not reply.brain_started:
             # Cut before the brain even saw the caller's words: they still await an answer.

@@ -474,3 +474,25 @@ async def test_the_call_record_counts_committed_and_dropped_speculations() -> No
     await h.stop()
     (finished,) = [e for e in h.recorder.events if isinstance(e, CallFinished)]
     assert (finished.speculations_committed, finished.speculations_dropped) == (1, 1)
+
+
+async def test_speech_starting_as_the_agent_finishes_never_leaves_the_agent_paused() -> None:
+    """The first voiced window pauses the agent at once (a hold). If the agent's audio runs out
+    before the caller's speech is certain, no barge-in owns that pause any more; the answer to the
+    caller's words must still be heard, whatever the offset."""
+    stuck = []
+    for offset_ms in range(0, 420, 20):
+        h = make_harness(asr_script=lambda s: "what time do you open")
+        await h.start()
+        h.brain.script = lambda text: ["one two three."]
+        await h.feed(tone(600))
+        await h.silence(700)  # the turn ends and the 300 ms answer starts
+        answer_start = h.sink.plays()[0].at
+        await h.silence(max(0.0, (answer_start - h.clock.now()) * 1000 + offset_ms))
+        await h.feed(tone(900))
+        voiced_end = h.clock.now()
+        await h.silence(2500)
+        if not h.sink.plays(after=voiced_end):
+            stuck.append(offset_ms)
+        await h.stop()
+    assert stuck == [], f"no answer when the caller started {stuck} ms into a 300 ms answer"
