@@ -38,7 +38,7 @@ from appliance.config import PROJECT_ROOT, Settings, load_settings
 from appliance.model_manifest import ROLES, Manifest, ModelError
 from appliance.server import create_app
 from appliance.simulator.caller import CallerOptions, Say, ScriptItem
-from appliance.simulator.report import CallResult
+from appliance.simulator.report import CallResult, Turn
 from appliance.store.accounts import create_account_cli
 
 SPEECH_DIR = Path("/usr/share/pocketsphinx/test/data")
@@ -502,7 +502,22 @@ def call_summary(result: CallResult) -> dict[str, Any]:
         "violations": [f"{v.kind}: {v.reason}" for v in result.violations[:5]],
         "violation_count": len(result.violations),
         "late_ticks": result.late_ticks,
+        # When the caller spoke and the agent's audio played (ms since the call started, one wall
+        # clock): enough to see why a turn went unanswered or which reply it overlapped.
+        "timeline_ms": {
+            "turns": [_turn_times(t) for t in result.turns],  # label, onset, last voiced, end, answer
+            "agent": [[_ms(s.wall_start_ms), _ms(s.wall_end_ms)] for s in result.segments],
+        },
     }
+
+
+def _turn_times(turn: Turn) -> list[str | float | None]:
+    times = (turn.speech_onset_ms, turn.last_voiced_ms, turn.ended_ms, turn.first_agent_audio_ms)
+    return [turn.label, *(_ms(t) for t in times)]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def busy_problems(result: CallResult, busy_message: str) -> list[str]:

@@ -27,6 +27,7 @@ from appliance.simulator.benchkit import (
     ServerProcess,
     SoakLimits,
     busy_problems,
+    call_summary,
     capacity,
     missing_models,
     pct,
@@ -38,7 +39,7 @@ from appliance.simulator.benchkit import (
     wait_ready,
 )
 from appliance.simulator.caller import Say
-from appliance.simulator.report import CallResult, Violation
+from appliance.simulator.report import CallResult, Segment, Turn, Violation
 from appliance.telephony.xml import apology_xml, stream_xml
 
 SCRIPTS = PROJECT_ROOT / "scripts"
@@ -130,6 +131,26 @@ def _samples(minutes: float, rss_per_hour: float, fds_per_hour: float = 0.0, eve
             }
         )
     return out
+
+
+def test_a_call_summary_keeps_when_each_turn_was_spoken_and_when_the_agent_played() -> None:
+    result = CallResult("c1", "s1", 200, "<Response/>")
+    result.turns = [
+        Turn("cards/001", speech_onset_ms=1000.04, last_voiced_ms=1900.0, ended_ms=2100.0,
+             first_agent_audio_ms=2700.0, voice_to_voice_ms=800.0),
+        Turn("cards/004", speech_onset_ms=5000.0, last_voiced_ms=5800.0, ended_ms=6000.0),
+    ]  # fmt: skip
+    result.segments = [Segment(0.0, 1500.0, 10.0, 1510.0), Segment(2700.0, 4200.0, 2700.0, 4200.0)]
+    summary = call_summary(result)
+    assert summary["unanswered"] == 1 and summary["turns"] == [["cards/001", 800.0], ["cards/004", None]]
+    timeline = summary["timeline_ms"]
+    # An unanswered turn shows when it was spoken against when the agent played.
+    assert timeline["turns"] == [
+        ["cards/001", 1000.0, 1900.0, 2100.0, 2700.0],
+        ["cards/004", 5000.0, 5800.0, 6000.0, None],
+    ]
+    assert timeline["agent"] == [[10.0, 1510.0], [2700.0, 4200.0]]
+    json.dumps(summary)  # written as JSON by every benchmark
 
 
 def test_slope_per_hour_fits_a_line() -> None:
