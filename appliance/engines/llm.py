@@ -596,15 +596,9 @@ class LlamaLlm:
         job.stats.queued_s = now - job.submitted
         job.slot, slot.job, slot.owner = slot, job, job.cache_key
         self._running += 1
-        prompt = job.prompt_ids
-        own = _common_prefix(np.asarray(slot.tokens, dtype=np.intc), prompt)
-        donor, shared = slot, own
-        for other in self._slots:
-            if other is not slot:
-                n = _common_prefix(np.asarray(other.tokens, dtype=np.intc), prompt)
-                if n > shared:
-                    donor, shared = other, n
-        if donor is not slot and shared - own >= MIN_SHARED_PREFIX:
+        own = _common_prefix(np.asarray(slot.tokens, dtype=np.intc), job.prompt_ids)
+        donor, shared = self._longest_prefix_elsewhere(slot, job.prompt_ids)
+        if donor is not None and shared - own >= MIN_SHARED_PREFIX:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
             llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, 0, shared)
             slot.tokens = job.prompt[:shared]
@@ -707,20 +701,27 @@ class LlamaLlm:
             limit = min(limit, job.check_index)  # and the choosing one
         if limit - own < MIN_SHARED_PREFIX:
             return
-        prompt = job.prompt_ids[:limit]
-        donor, shared = None, own + MIN_SHARED_PREFIX - 1
-        for other in self._slots:
-            if other is not slot and len(other.tokens) > shared:
-                n = _common_prefix(np.asarray(other.tokens, dtype=np.intc), prompt)
-                if n > shared:
-                    donor, shared = other, n
-        if donor is None:
+        donor, shared = self._longest_prefix_elsewhere(slot, job.prompt_ids[:limit])
+        if donor is None or shared - own < MIN_SHARED_PREFIX:
             return
         llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, own, shared)
         slot.tokens.extend(job.prompt[own:shared])
         del job.pending[: shared - own]
         job.stats.restored_tokens += shared - own
         job.stats.cached_tokens += shared - own
+
+    def _longest_prefix_elsewhere(
+        self, slot: _Slot, prompt: npt.NDArray[np.intc]
+    ) -> tuple[_Slot | None, int]:
+        """The other slot whose evaluated tokens share the longest prefix with ``prompt``, and its
+        length (None, 0 when no other slot shares any)."""
+        donor, shared = None, 0
+        for other in self._slots:
+            if other is not slot:
+                n = _common_prefix(np.asarray(other.tokens, dtype=np.intc), prompt)
+                if n > shared:
+                    donor, shared = other, n
+        return donor, shared
 
     def _without_followers(self, ready: list[_Job]) -> list[_Job]:
         """Background generations reading a prompt that another one ahead of them is reading too
