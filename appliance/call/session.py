@@ -363,12 +363,9 @@ class CallSession:
             return
         if self._barge is not None:
             self._hold_until = None  # speech started: the barge-in logic owns the pause now
-        elif self.detector.in_speech:
-            # Speech started after the agent had finished: there is nothing to interrupt, and a
-            # pause nobody owns would keep the answer to these words from ever being heard.
-            self._hold_until = None
-            self.playout.resume()
-        elif now >= self._hold_until:
+        elif self.detector.in_speech or now >= self._hold_until:
+            # A blip; or speech that started after the agent had finished, with nothing to interrupt:
+            # a pause nobody owns would keep the answer to these words from ever being heard.
             self._hold_until = None
             self.playout.resume()
 

@@ -181,7 +181,7 @@ class PiperTts:
             for chunk in cached:
                 yield chunk
             return
-        produced: list[Int16Array] | None = [] if key is not None else None
+        produced: list[Int16Array] = []  # kept for the cache when ``key`` says it may be
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=QUEUE_CHUNKS)
         producer = asyncio.create_task(self._produce(self._chunks(text, speed), queue, urgent))
         self._active += 1  # only touched on the event loop
@@ -189,12 +189,12 @@ class PiperTts:
             while True:
                 item = await queue.get()
                 if item is _DONE:
-                    if produced is not None and key is not None:  # complete: safe to replay
+                    if key is not None:  # complete: safe to replay
                         self.phrases.put(key, produced)
                     break
                 if isinstance(item, Exception):
                     raise item
-                if produced is not None:
+                if key is not None:
                     produced.append(item)  # type: ignore[arg-type]
                 yield item  # type: ignore[misc]
         finally:
