@@ -29,16 +29,21 @@ async def test_welcome_then_a_spoken_question_gets_a_spoken_answer(rig: CallRig,
     turn = result.turns[0]
     assert turn.voice_to_voice_ms is not None, result.to_json()
     answer_audio = np.concatenate([result.segment_audio(s) for s in result.segments[1:]])
-    answer = await rig.transcribe(answer_audio)
-    assert "club" in answer, answer
+    answer = normalize_text(await rig.transcribe(answer_audio))
     record = await rig.record(result.call_uuid)
     who = [t["who"] for t in record["transcript"]]
     assert who[:3] == ["agent", "caller", "agent"], record["transcript"]
     caller = record["transcript"][1]
-    # "ten of clubs" through 8 kHz µ-law: tiny.en sometimes hears "clubs" as "close" (seen about
-    # once in ten runs); one word of the three may be wrong, the number may not.
+    heard = normalize_text(caller["text"])
+    # "ten of clubs" through 8 kHz µ-law (and a line's noise floor, different in every run): tiny.en
+    # sometimes hears "clubs" as "close"; one word of the three may be wrong, the number may not.
     assert wer("ten of clubs", caller["text"]) <= 1 / 3, caller["text"]
-    assert "ten" in normalize_text(caller["text"]), caller["text"]
+    assert "ten" in heard, caller["text"]
+    # The spoken answer names the card the agent heard ("You have the ten of clubs"): the number
+    # always, and the suit whenever the caller's "clubs" was heard as such.
+    assert "ten" in answer, (answer, heard)
+    if "clubs" in heard:
+        assert any(word.startswith("club") for word in answer), (answer, heard)
     timings = record["transcript"][2]["timings"]
     for key in ("end_of_turn_ms", "transcript_ms", "first_token_ms", "first_clause_ms", "first_audio_ms"):
         assert timings[key] is not None and timings[key] > 0, timings
