@@ -47,6 +47,8 @@ class ThreadSettings(_Section):
     llm: int = 2
     # Prompt evaluation (prefill); 0: same as ``llm``.
     llm_batch: int = 0
+    # LLM threads while a transcription, synthesis or embedding runs beside it (0: no change).
+    llm_shared: int = 0
     tts: int = 2
     embed: int = 1
     vad: int = 1

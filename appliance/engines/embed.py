@@ -24,6 +24,7 @@ import numpy.typing as npt
 from tokenizers import Tokenizer
 
 from ..model_manifest import ModelCorrupt, ModelNotInstalled
+from .priority import CPU
 from .types import FloatArray
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,11 @@ class MiniLmEmbedder:
         encodings = self._tokenizer.encode_batch(list(texts))
         # Sorting by length keeps each batch's padding (and wasted attention) small.
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        with CPU.working():  # the LLM steps with fewer threads meanwhile
+            self._embed_sorted(encodings, order, out)
+        return out
+
+    def _embed_sorted(self, encodings: Sequence[Any], order: list[int], out: FloatArray) -> None:
         for start in range(0, len(order), BATCH_SIZE):
             idx = order[start : start + BATCH_SIZE]
             width = max(1, max(len(encodings[i].ids) for i in idx))
@@ -236,7 +242,6 @@ class MiniLmEmbedder:
                 ids[row, :n] = enc.ids
                 mask[row, :n] = 1.0
             out[idx] = self._forward(ids, mask)
-        return out
 
     async def embed(self, texts: Sequence[str]) -> FloatArray:
         loop = asyncio.get_running_loop()

@@ -265,6 +265,7 @@ class LlamaLlm:
         context_size: int,
         threads: int,
         batch_threads: int | None = None,
+        shared_threads: int = 0,
         gpu_layers: int = 0,
         slots: int = 4,
     ):
@@ -274,6 +275,12 @@ class LlamaLlm:
         check_gguf(self.model_path, model_id)
         self.threads = threads
         self.batch_threads = batch_threads or threads
+        # Threads for steps taken while other engines work beside this one (0: always ``threads``):
+        # llama.cpp's threads spin at a barrier after every operation, so on a box with few cores
+        # a step with a thread too many waits for a descheduled one (``engines.priority``).
+        self.shared_threads = shared_threads
+        self._reduced = False  # the context is set to ``shared_threads`` now
+        self.shared_steps = 0  # decodes run with ``shared_threads``
         self.grammar_first = True  # False: mask the whole vocabulary at every step (for comparison)
         try:
             # Vocabulary, chat template and metadata, and the weights the batched context uses; its
@@ -621,6 +628,18 @@ class LlamaLlm:
                 full_mask=not self.grammar_first,
             )
 
+    def _match_threads(self) -> None:
+        """Step with ``shared_threads`` while a transcription, synthesis or embedding runs."""
+        reduce = 0 < self.shared_threads < max(self.threads, self.batch_threads) and CPU.working_now > 0
+        if reduce != self._reduced:
+            if reduce:
+                llama_cpp.llama_set_n_threads(self._ctx.ctx, self.shared_threads, self.shared_threads)
+            else:
+                llama_cpp.llama_set_n_threads(self._ctx.ctx, self.threads, self.batch_threads)
+            self._reduced = reduce
+        if reduce:
+            self.shared_steps += 1
+
     def _step(self, ready: list[_Job]) -> None:
         """One ``llama_decode`` over the chosen sequences, then a token sampled for each that has
         read all its input."""
@@ -670,6 +689,7 @@ class LlamaLlm:
         if not entries:
             return
         self._fill(entries)
+        self._match_threads()
         code = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
         if code != 0:
             log.error("llm %s: llama_decode returned %d (%d tokens, %d sequences)", self.model_id, code,

@@ -9,6 +9,15 @@ step that holds only background work and waits, bounded, while urgent work runs.
 
 Measured on this 2-core box (scripts/bench_call): a first clause synthesized beside a running
 generation took ~210 ms; alone, with both cores, ~130 ms.
+
+Work that cannot wait runs beside the LLM anyway. Every engine's work is counted (``working_now``)
+so that the LLM can step with fewer threads meanwhile (``[threads] llm_shared``, off by default).
+``scripts/bench_contention`` on this 2-core box, the LLM with 2 threads / 1 thread: one decode step
+44 / 70 ms alone, 79 / 91 ms beside a Piper synthesis, 89 / 80 ms beside a transcription, 120 /
+143 ms beside both; the synthesis beside it 793 / 694 ms and the transcription 305 / 251 ms. One
+thread trades the LLM's speed for the others'; whole calls under load were no faster either way
+(docs/capacity.md). A Python thread busy 40% of the time costs a 2-thread step only 10-25%, so the
+event loop does not count as work here.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ class CpuPriority:
         self._idle = threading.Condition()
         self.yielded = 0  # times background work waited (for tests and metrics)
         self._foreground: set[int] = set()  # engines stepping latency-critical work of their own
+        self._working = 0  # native work of other engines running now, urgent or not
 
     @property
     def urgent_now(self) -> int:
@@ -43,16 +53,35 @@ class CpuPriority:
         little (synthesis of a reply's later clauses while earlier ones play) should be."""
         return bool(self._urgent or self._foreground)
 
+    @property
+    def working_now(self) -> int:
+        """Engine work (transcriptions, syntheses, embeddings) running now in other threads."""
+        return self._working
+
+    @contextmanager
+    def working(self) -> Iterator[None]:
+        """Hold while an engine computes something that can wait (in any thread): the LLM then
+        decodes with fewer threads, as it does beside urgent work."""
+        with self._idle:
+            self._working += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._working -= 1
+
     @contextmanager
     def urgent(self) -> Iterator[None]:
         """Hold while doing latency-critical work (in any thread)."""
         with self._idle:
             self._urgent += 1
+            self._working += 1
         try:
             yield
         finally:
             with self._idle:
                 self._urgent -= 1
+                self._working -= 1
                 if self._urgent == 0:
                     self._idle.notify_all()
 

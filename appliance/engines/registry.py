@@ -62,7 +62,8 @@ class EngineRegistry:
             context = min(s.llm.context_size, int(spec.params.get("context_size", s.llm.context_size)))
             return LlamaLlm(
                 model_id, path / "model.gguf", context_size=context, threads=s.threads.llm,
-                batch_threads=s.threads.llm_batch or s.threads.llm, slots=s.llm.slots,
+                batch_threads=s.threads.llm_batch or s.threads.llm, shared_threads=s.threads.llm_shared,
+                slots=s.llm.slots,
                 gpu_layers=s.gpu.llm_gpu_layers,
             )  # fmt: skip
         if role == "tts":

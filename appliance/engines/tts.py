@@ -213,7 +213,7 @@ class PiperTts:
         job: Future[Int16Array | None] | None = None
         try:
             while True:
-                job = self._executor.submit(_next_urgent if urgent else next, sentences, None)
+                job = self._executor.submit(_next_urgent if urgent else _next_background, sentences, None)
                 pcm = await asyncio.wrap_future(job)
                 if pcm is None:
                     break
@@ -236,6 +236,11 @@ class PiperTts:
 
 def _next_urgent(sentences: Generator[Int16Array, None, None], default: None) -> Int16Array | None:
     with CPU.urgent():
+        return next(sentences, default)
+
+
+def _next_background(sentences: Generator[Int16Array, None, None], default: None) -> Int16Array | None:
+    with CPU.working():
         return next(sentences, default)
 
 

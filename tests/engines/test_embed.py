@@ -12,6 +12,7 @@ import pytest
 
 from appliance.config import load_settings
 from appliance.engines.embed import MAX_TOKENS, MiniLmEmbedder
+from appliance.engines.priority import CPU
 from appliance.model_manifest import Manifest, ModelCorrupt, ModelNotInstalled
 
 
@@ -98,6 +99,23 @@ async def test_async_embed_runs_off_the_loop(embedder: MiniLmEmbedder) -> None:
     assert result.shape == (64, 384)
     np.testing.assert_allclose(result, embedder.embed_sync(texts), atol=1e-6)
     assert ticks > 0  # the event loop kept running while the batch was computed
+
+
+def test_embedding_counts_as_engine_work_while_it_runs(
+    embedder: MiniLmEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LLM steps with fewer threads beside it (engines.priority)."""
+    seen: list[int] = []
+    real_forward = embedder._forward
+
+    def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        seen.append(CPU.working_now)
+        return real_forward(ids, mask)
+
+    monkeypatch.setattr(embedder, "_forward", forward)
+    embedder.embed_sync(["returns policy", "shipping times"])
+    assert seen and all(n == 1 for n in seen)
+    assert CPU.working_now == 0
 
 
 def test_missing_and_corrupt_files_name_the_file(tmp_path: Path) -> None:

@@ -536,6 +536,35 @@ async def test_the_engine_says_when_it_steps_urgent_work_and_when_it_stops(smol:
     assert not any(background)
 
 
+async def test_steps_beside_other_engines_work_use_the_shared_thread_count(
+    smol: LlamaLlm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama.cpp's threads spin at a barrier after every operation: with ``shared_threads`` set, the
+    engine steps with that many beside a transcription or a synthesis, and with all again after."""
+    import llama_cpp
+
+    assert smol.shared_threads == 0  # the default: always all threads
+    with CPU.working():
+        await _collect(smol, smol.format_chat(COUNTING), max_tokens=2)
+    assert smol.shared_steps == 0 and llama_cpp.llama_n_threads(smol._ctx.ctx) == smol.threads
+    monkeypatch.setattr(smol, "shared_threads", 1)
+    assert smol.threads == 2
+    before = smol.shared_steps
+    await _collect(smol, smol.format_chat(COUNTING), max_tokens=4)
+    assert smol.shared_steps == before  # nothing else was working
+    assert llama_cpp.llama_n_threads(smol._ctx.ctx) == smol.threads
+    seen: list[int] = []
+    with CPU.working():
+        async for _ in smol.stream(smol.format_chat(COUNTING), max_tokens=6):
+            seen.append(llama_cpp.llama_n_threads(smol._ctx.ctx))
+    assert seen == [1] * len(seen) and len(seen) >= 3
+    assert smol.shared_steps - before >= len(seen)
+    after = smol.shared_steps
+    await _collect(smol, smol.format_chat(COUNTING), max_tokens=4)
+    assert smol.shared_steps == after
+    assert llama_cpp.llama_n_threads(smol._ctx.ctx) == smol.threads
+
+
 _STATS_LINE = re.compile(
     r"prompt (\d+) tokens \((\d+) cached, (\d+) copied\), (\d+) generated, queued (\d+) ms.*, (\w+)$"
 )

@@ -1,4 +1,5 @@
-"""Urgent work makes background work wait between steps, but never for long."""
+"""Urgent work makes background work wait between steps, but never for long; any engine work is
+counted, so the LLM can step with fewer threads beside it."""
 
 import threading
 import time
@@ -47,3 +48,28 @@ def test_no_urgent_work_no_wait() -> None:
     cpu = CpuPriority()
     cpu.yield_to_urgent(max_wait_s=5.0)
     assert cpu.yielded == 0
+
+
+def test_work_is_counted_while_it_runs_urgent_or_not() -> None:
+    cpu = CpuPriority()
+    assert cpu.working_now == 0
+    with cpu.working():
+        assert cpu.working_now == 1 and cpu.urgent_now == 0
+        with cpu.urgent():
+            assert cpu.working_now == 2 and cpu.urgent_now == 1
+        assert cpu.working_now == 1
+        started = time.monotonic()
+        cpu.yield_to_urgent(max_wait_s=5.0)  # work that can wait makes nobody wait
+        assert time.monotonic() - started < 1.0 and cpu.yielded == 0
+    assert cpu.working_now == 0
+
+
+def test_work_that_fails_is_no_longer_counted() -> None:
+    cpu = CpuPriority()
+    for context in (cpu.working, cpu.urgent):
+        try:
+            with context():
+                raise RuntimeError("decode failed")
+        except RuntimeError:
+            pass
+    assert cpu.working_now == 0 and cpu.urgent_now == 0

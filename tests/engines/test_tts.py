@@ -12,6 +12,7 @@ import pytest
 
 from appliance.audio.resample import StreamResampler
 from appliance.engines.asr import WhisperAsr
+from appliance.engines.priority import CPU
 from appliance.engines.tts import PHRASE_MAX_CHARS, QUEUE_CHUNKS, PhraseCache, PiperTts, TtsLoadError
 from appliance.runtime import HeapTrimmer, resident_bytes
 from tests.engine_fixtures import load_tts
@@ -266,3 +267,26 @@ def test_long_sentences_leave_no_memory_behind_without_the_arena() -> None:
     # With onnxruntime's arena a 180-character sentence keeps ~200 MB; without it, nothing.
     assert results[True] > 80, results
     assert results[False] < 20, results
+
+
+async def test_synthesis_counts_as_engine_work_and_a_first_clause_as_urgent(
+    tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LLM steps with fewer threads beside any synthesis, and puts background steps off beside
+    an urgent one (engines.priority)."""
+    seen: list[tuple[int, int]] = []
+    real_chunks = tts_engine._chunks
+
+    def chunks(text: str, speed: float) -> Iterator[np.ndarray]:
+        for chunk in real_chunks(text, speed):
+            seen.append((CPU.working_now, CPU.urgent_now))  # in the worker, mid-synthesis
+            yield chunk
+
+    monkeypatch.setattr(tts_engine, "_chunks", chunks)
+    monkeypatch.setattr(tts_engine.phrases, "max_bytes", 0)
+    assert len([c async for c in tts_engine.synthesize("Later clauses. Of a reply.")]) == 2
+    assert seen == [(1, 0), (1, 0)]
+    seen.clear()
+    assert len([c async for c in tts_engine.synthesize("A first clause.", urgent=True)]) == 1
+    assert seen == [(1, 1)]
+    assert CPU.working_now == 0 and CPU.urgent_now == 0
