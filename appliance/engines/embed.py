@@ -226,7 +226,7 @@ class MiniLmEmbedder:
         encodings = self._tokenizer.encode_batch(list(texts))
         # Sorting by length keeps each batch's padding (and wasted attention) small.
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-        with CPU.working():  # the LLM steps with fewer threads meanwhile
+        with CPU.working():  # counted: the LLM may step with fewer threads meanwhile (llm_shared)
             self._embed_sorted(encodings, order, out)
         return out
 
