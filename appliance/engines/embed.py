@@ -227,21 +227,18 @@ class MiniLmEmbedder:
         # Sorting by length keeps each batch's padding (and wasted attention) small.
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
         with CPU.working():  # counted: the LLM may step with fewer threads meanwhile (llm_shared)
-            self._embed_sorted(encodings, order, out)
+            for start in range(0, len(order), BATCH_SIZE):
+                idx = order[start : start + BATCH_SIZE]
+                width = max(1, max(len(encodings[i].ids) for i in idx))
+                ids = np.zeros((len(idx), width), dtype=np.int64)
+                mask = np.zeros((len(idx), width), dtype=np.float32)
+                for row, i in enumerate(idx):
+                    enc = encodings[i]
+                    n = len(enc.ids)
+                    ids[row, :n] = enc.ids
+                    mask[row, :n] = 1.0
+                out[idx] = self._forward(ids, mask)
         return out
-
-    def _embed_sorted(self, encodings: Sequence[Any], order: list[int], out: FloatArray) -> None:
-        for start in range(0, len(order), BATCH_SIZE):
-            idx = order[start : start + BATCH_SIZE]
-            width = max(1, max(len(encodings[i].ids) for i in idx))
-            ids = np.zeros((len(idx), width), dtype=np.int64)
-            mask = np.zeros((len(idx), width), dtype=np.float32)
-            for row, i in enumerate(idx):
-                enc = encodings[i]
-                n = len(enc.ids)
-                ids[row, :n] = enc.ids
-                mask[row, :n] = 1.0
-            out[idx] = self._forward(ids, mask)
 
     async def embed(self, texts: Sequence[str]) -> FloatArray:
         loop = asyncio.get_running_loop()

@@ -60,8 +60,8 @@ class CpuPriority:
 
     @contextmanager
     def working(self) -> Iterator[None]:
-        """Hold while an engine computes something that can wait (in any thread): the LLM then
-        decodes with fewer threads, as it does beside urgent work."""
+        """Hold while an engine computes something that can wait (in any thread). Counted with urgent
+        work in ``working_now``, beside which the LLM may step with fewer threads (``llm_shared``)."""
         with self._idle:
             self._working += 1
         try:
