@@ -175,6 +175,13 @@ class _Job:
         return np.asarray(self.prompt, dtype=np.intc)
 
     @property
+    def cacheable(self) -> int:
+        """How much of the prompt may come from cells already evaluated: all but the last token (it
+        is evaluated again for its logits) and, while a choice is pending, not the choosing one."""
+        limit = len(self.prompt) - 1
+        return min(limit, self.check_index) if self.check_index >= 0 else limit
+
+    @property
     def reading(self) -> bool:
         """Still reading its prompt, with more than the last token (which gives its logits) left."""
         return len(self.pending) > 1 and self.stats.completion_tokens == 0
@@ -611,9 +618,7 @@ class LlamaLlm:
             slot.tokens = job.prompt[:shared]
             job.stats.restored_tokens = shared
             own = shared
-        keep = min(own, len(job.prompt) - 1)  # the last prompt token is evaluated again for its logits
-        if job.check_index >= 0:
-            keep = min(keep, job.check_index)  # and the choosing one, if any
+        keep = min(own, job.cacheable)
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
         del slot.tokens[keep:]
         job.stats.cached_tokens = keep
@@ -716,9 +721,7 @@ class LlamaLlm:
         slot = job.slot
         assert slot is not None
         own = len(slot.tokens)
-        limit = len(job.prompt) - 1  # the last prompt token is evaluated again for its logits
-        if job.check_index >= 0:
-            limit = min(limit, job.check_index)  # and the choosing one
+        limit = job.cacheable
         if limit - own < MIN_SHARED_PREFIX:
             return
         donor, shared = self._longest_prefix_elsewhere(slot, job.prompt_ids[:limit])
