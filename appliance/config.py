@@ -103,6 +103,10 @@ class CallSettings(_Section):
     # A reply's first clause may end where a phrase starts ("The ten of clubs | is ...") once it
     # has this many words, instead of waiting for punctuation; 0: punctuation only.
     first_phrase_words: int = 2
+    # Agents whose call prompt is read into the LLM's prompt cache before their next call: when one
+    # is created or changed, and the most recently changed at start-up (/ready waits for these).
+    # 0: none, every call reads its own while its welcome plays.
+    prewarm_agents: int = Field(default=3, ge=0)
 
 
 class Settings(_Section):

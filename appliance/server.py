@@ -73,13 +73,16 @@ def create_app(settings: Settings, *, load_engines: bool = True) -> FastAPI:
     @app.get("/ready", tags=["status"], summary="Readiness: 200 once every engine is warm")
     async def ready() -> JSONResponse:
         st = state.engines.status
+        calls = state.services.get("calls")
+        # Warm includes the LLM's prompt cache holding the recently changed agents' call prompts.
+        warming = st.ready and calls is not None and calls.warmer.warming
         body = {
-            "ready": st.ready,
-            "loading": st.loading,
+            "ready": st.ready and not warming,
+            "loading": st.loading or warming,
             "error": st.error,
             "load_seconds": st.load_seconds,
         }
-        return JSONResponse(body, status_code=200 if st.ready else 503)
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     from .api import install_routes
 

@@ -19,7 +19,7 @@ from ..store.accounts import Account
 from ..store.agents import Agent
 from ..store.functions import missing_function_ids
 from .agent_schemas import AgentCreate, AgentPublic, AgentUpdate, AnswerLlmIn, SttIn, TtsIn
-from .deps import AccountDep, JsonBody, ManifestDep, SessionDep, SettingsDep
+from .deps import AccountDep, JsonBody, ManifestDep, SessionDep, SettingsDep, StateDep
 from .errors import NotFound, Unprocessable, error_responses
 from .pagination import Page, PageDep, make_page
 
@@ -105,8 +105,9 @@ async def _load(session: AsyncSession, account_id: str, agent_id: str) -> Agent:
     responses=error_responses(413, 415),
 )  # fmt: skip
 async def create_agent(
-    body: AgentCreate, account: AccountDep, session: SessionDep, settings: SettingsDep, manifest: ManifestDep
-) -> AgentPublic:
+    body: AgentCreate, account: AccountDep, session: SessionDep, settings: SettingsDep,
+    manifest: ManifestDep, state: StateDep,
+) -> AgentPublic:  # fmt: skip
     configs = {
         "answer_llm": _llm_config(manifest, settings, body.answer_llm),
         "stt": _stt_config(manifest, settings, body.stt),
@@ -115,6 +116,7 @@ async def create_agent(
     await _check_references(session, account.id, body.function_ids, body.knowledgebase_ids)
     fields = body.model_dump(exclude={"answer_llm", "stt", "tts", "function_ids"}) | configs
     agent = await store.create_agent(session, account.id, fields, body.function_ids)
+    state.services["calls"].agent_changed(agent)
     return to_public(agent, account, settings)
 
 
@@ -144,6 +146,7 @@ async def update_agent(
     session: SessionDep,
     settings: SettingsDep,
     manifest: ManifestDep,
+    state: StateDep,
 ) -> AgentPublic:
     agent = await _load(session, account.id, agent_id)
     changes = body.model_dump(exclude_unset=True)
@@ -161,6 +164,7 @@ async def update_agent(
     function_ids = changes.pop("function_ids", None)
     await _check_references(session, account.id, function_ids, changes.get("knowledgebase_ids"))
     agent = await store.update_agent(session, agent, changes, function_ids)
+    state.services["calls"].agent_changed(agent)
     return to_public(agent, account, settings)
 
 

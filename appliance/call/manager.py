@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 from ..conversation import Conversation, ConversationContext, HttpDispatcher
 from ..conversation.adapter import agent_from_row
 from ..runtime import HeapTrimmer
+from ..store.agents import recent_agents
 from ..store.calls import CallRecordWriter, call_exists, close_stale_calls
 from ..telephony.rest import PlivoApiError, PlivoRest
 from ..telephony.signature import SignatureVerifier
 from ..telephony.stream_token import StreamClaims, StreamTokens, load_or_create_secret
 from .playout import AudioSink
+from .prewarm import PromptWarmer
 from .records import CallInfo, TeeRecorder
 from .session import CallSession, SessionConfig
 
@@ -104,6 +106,15 @@ class CallManager:
         )
         self._closing = False
         self._heap = HeapTrimmer()
+        # Never more agents than LLM slots but one: a call arriving needs a slot to copy into.
+        self.warmer = PromptWarmer(
+            state.engines, self._dispatcher,
+            max_agents=min(settings.call.prewarm_agents, max(0, settings.llm.slots - 1)),
+        )  # fmt: skip
+
+    def agent_changed(self, agent: Agent) -> None:
+        """An agent was created or changed: its next call should find its prompt read."""
+        self.warmer.agent_changed(agent_from_row(agent))
 
     # -- answer URL ------------------------------------------------------------------------------
     def _expire(self) -> None:
@@ -267,6 +278,7 @@ class CallManager:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5.0):
                     await asyncio.gather(*tasks, return_exceptions=True)
+        await self.warmer.close()
         await self._dispatcher.aclose()
         self._vad_executor.shutdown(wait=False, cancel_futures=True)
 
@@ -280,4 +292,8 @@ async def open_calls(state: AppState, stack: contextlib.AsyncExitStack) -> CallM
     manager = CallManager(state)
     state.services["calls"] = manager
     stack.push_async_callback(manager.close)
+    if manager.warmer.enabled:
+        async with state.services["db"].sessions() as session:
+            recent = await recent_agents(session, manager.warmer.max_agents)
+            manager.warmer.start([agent_from_row(a) for a in recent])
     return manager

@@ -33,6 +33,8 @@ class EngineRegistry:
         self.settings = settings
         self.manifest = manifest
         self.status = EngineStatus()
+        # Set once ``start`` has finished, the engines loaded or not (``status`` says which).
+        self.settled = asyncio.Event()
         self._loaded: dict[tuple[Role, str], Any] = {}
         self._locks: dict[tuple[Role, str], asyncio.Lock] = {}
 
@@ -122,6 +124,7 @@ class EngineRegistry:
             log.exception("engines not ready")
         finally:
             self.status.loading = False
+            self.settled.set()
 
     def close(self) -> None:
         for engine in self._loaded.values():

@@ -120,6 +120,12 @@ async def list_agents(
     return list((await session.execute(stmt)).scalars()), int(total)
 
 
+async def recent_agents(session: AsyncSession, limit: int) -> list[Agent]:
+    """The ``limit`` most recently changed agents of every account, most recent first."""
+    stmt = select(Agent).order_by(Agent.updated_at.desc(), Agent.id).limit(limit)
+    return list((await session.execute(stmt)).scalars())
+
+
 async def update_agent(
     session: AsyncSession, agent: Agent, changes: dict[str, Any], function_ids: list[str] | None = None
 ) -> Agent:

@@ -221,3 +221,40 @@ async def test_model_list_shows_installed_models_and_voices(
         o["role"] == "llm" for o in llms
     )
     assert (await client.get(f"{account.base}/Model/?role=gpu", auth=account.auth)).status_code == 422
+
+
+async def test_a_created_or_changed_agent_is_queued_for_its_prompt_to_be_read_ahead(
+    app: FastAPI, client: httpx.AsyncClient, account: Credentials
+) -> None:
+    warmer = app.state.appliance.services["calls"].warmer  # waits here: the engines are not loaded
+    assert warmer.queued() == [] and not warmer.warming  # nothing to read at start-up: no agents yet
+    first = await create(client, account, prompt="You answer for the Harbour shop.")
+    second = await create(client, account, prompt="You answer for the Juniper shop.")
+    assert [a.id for a in warmer.queued()] == [second["id"], first["id"]]
+    url = f"{account.base}/Voiceagent/{first['id']}/"
+    r = await client.patch(url, auth=account.auth, json={"prompt": "You answer for the Copper shop."})
+    assert r.status_code == 200, r.text
+    queued = warmer.queued()
+    assert [a.id for a in queued] == [first["id"], second["id"]]
+    assert queued[0].prompt == "You answer for the Copper shop."  # the agent as it is now
+    r = await client.patch(url, auth=account.auth, json={"answer_llm": {"model": "no-such-model"}})
+    assert r.status_code == 422
+    assert warmer.queued() == queued  # a refused change reads nothing
+
+
+async def test_a_restarted_server_queues_the_most_recently_changed_agents(
+    app: FastAPI, client: httpx.AsyncClient, account: Credentials
+) -> None:
+    ids = [(await create(client, account, prompt=f"You answer for shop {n}."))["id"] for n in range(5)]
+    r = await client.patch(
+        f"{account.base}/Voiceagent/{ids[0]}/", auth=account.auth, json={"name": "Renamed"}
+    )
+    assert r.status_code == 200
+    settings = app.state.appliance.settings
+    restarted = create_app(settings, load_engines=False)
+    async with restarted.router.lifespan_context(restarted):
+        warmer = restarted.state.appliance.services["calls"].warmer
+        assert warmer.max_agents == min(settings.call.prewarm_agents, settings.llm.slots - 1) == 3
+        assert [a.id for a in warmer.queued()] == [ids[0], ids[4], ids[3]]
+        assert warmer.queued()[0].name == "Renamed"
+        assert warmer.warming  # /ready waits for these reads (the engines never load here)
