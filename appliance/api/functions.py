@@ -9,8 +9,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from ..store import functions as store
+from ..store.agents import agents_using_function
 from ..store.functions import Function, FunctionNameTaken
-from .deps import AccountDep, JsonBody, SessionDep
+from .deps import AccountDep, JsonBody, SessionDep, StateDep
 from .errors import Conflict, NotFound, Unprocessable, error_responses
 from .function_schemas import FunctionCreate, FunctionPublic, FunctionUpdate, check_parameter_names
 from .pagination import Page, PageDep, make_page
@@ -59,7 +60,7 @@ async def get_function(function_id: str, account: AccountDep, session: SessionDe
     responses=error_responses(409, 413, 415),
 )  # fmt: skip
 async def update_function(
-    function_id: str, body: FunctionUpdate, account: AccountDep, session: SessionDep
+    function_id: str, body: FunctionUpdate, account: AccountDep, session: SessionDep, state: StateDep
 ) -> FunctionPublic:
     function = await _load(session, account.id, function_id)
     changes = body.model_dump(mode="json", exclude_unset=True)
@@ -74,6 +75,11 @@ async def update_function(
         function = await store.update_function(session, function, changes)
     except FunctionNameTaken as exc:
         raise Conflict(f"name: {exc}.") from None
+    # The agents offering it describe it in their prompts: read those again ahead of their calls.
+    calls = state.services["calls"]
+    using = await agents_using_function(session, account.id, function.id, calls.warmer.max_agents)
+    for agent in reversed(using):  # the most recently changed agent is read first
+        calls.agent_changed(agent)
     return FunctionPublic.model_validate(function)
 
 

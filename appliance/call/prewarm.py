@@ -7,10 +7,10 @@ after the server started, or after the agent was created or changed, answered it
 3-4 s. Later calls copy the evaluated cells from another slot and do not pay.
 
 So the prompt is read as soon as it is known: at start-up for the most recently changed agents
-(``/ready`` waits for these), and whenever an agent is created or changed. Each read is a background
-generation of the LLM engine (``Conversation.prewarm`` with a phone context): urgent work (a caller
-waiting) goes first, and the call then copies the cells, paying only for what differs (the clock's
-minute, caller details its prompt names, its welcome).
+(``/ready`` waits for these), and whenever an agent, or a function it offers, is created or
+changed. Each read is a background generation of the LLM engine (``Conversation.prewarm`` with a
+phone context): urgent work (a caller waiting) goes first, and the call then copies the cells,
+paying only for what differs (the clock's minute, caller details its prompt names, its welcome).
 
 A call placed within a few seconds of creating its agent still reads part of the prompt itself. The
 prompt's order cannot fix that: putting what every agent shares (style, rules, the built-ins) first

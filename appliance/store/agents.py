@@ -126,6 +126,20 @@ async def recent_agents(session: AsyncSession, limit: int) -> list[Agent]:
     return list((await session.execute(stmt)).scalars())
 
 
+async def agents_using_function(
+    session: AsyncSession, account_id: str, function_id: str, limit: int
+) -> list[Agent]:
+    """Up to ``limit`` of the account's agents that offer this function, most recently changed first."""
+    stmt = (
+        select(Agent)
+        .join(agent_functions, agent_functions.c.agent_id == Agent.id)
+        .where(Agent.account_id == account_id, agent_functions.c.function_id == function_id)
+        .order_by(Agent.updated_at.desc(), Agent.id)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
 async def update_agent(
     session: AsyncSession, agent: Agent, changes: dict[str, Any], function_ids: list[str] | None = None
 ) -> Agent:

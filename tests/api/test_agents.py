@@ -258,3 +258,23 @@ async def test_a_restarted_server_queues_the_most_recently_changed_agents(
         assert [a.id for a in warmer.queued()] == [ids[0], ids[4], ids[3]]
         assert warmer.queued()[0].name == "Renamed"
         assert warmer.warming  # /ready waits for these reads (the engines never load here)
+
+
+async def test_changing_a_function_queues_the_agents_offering_it(
+    app: FastAPI, client: httpx.AsyncClient, account: Credentials
+) -> None:
+    warmer = app.state.appliance.services["calls"].warmer
+    function_id = await make_function(client, account, "lookup_order")
+    first = await create(client, account, prompt="Harbour shop.", function_ids=[function_id])
+    without = await create(client, account, prompt="Juniper shop.")
+    last = await create(client, account, prompt="Copper shop.", function_ids=[function_id])
+    assert [a.id for a in warmer.queued()] == [last["id"], without["id"], first["id"]]
+    r = await client.patch(
+        f"{account.base}/Function/{function_id}/", auth=account.auth,
+        json={"description": "Look up an order by its number"},
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    queued = warmer.queued()
+    assert [a.id for a in queued] == [last["id"], first["id"], without["id"]]
+    for agent in queued[:2]:  # as they are now: the prompt describes the function anew
+        assert [f.description for f in agent.functions] == ["Look up an order by its number"]
