@@ -116,7 +116,7 @@ async def create_agent(
     await _check_references(session, account.id, body.function_ids, body.knowledgebase_ids)
     fields = body.model_dump(exclude={"answer_llm", "stt", "tts", "function_ids"}) | configs
     agent = await store.create_agent(session, account.id, fields, body.function_ids)
-    state.services["calls"].agent_changed(agent)
+    state.services["calls"].agents_changed([agent])
     return to_public(agent, account, settings)
 
 
@@ -164,7 +164,7 @@ async def update_agent(
     function_ids = changes.pop("function_ids", None)
     await _check_references(session, account.id, function_ids, changes.get("knowledgebase_ids"))
     agent = await store.update_agent(session, agent, changes, function_ids)
-    state.services["calls"].agent_changed(agent)
+    state.services["calls"].agents_changed([agent])
     return to_public(agent, account, settings)
 
 

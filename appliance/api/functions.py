@@ -77,9 +77,9 @@ async def update_function(
         raise Conflict(f"name: {exc}.") from None
     # The agents offering it describe it in their prompts: read those again ahead of their calls.
     calls = state.services["calls"]
-    using = await agents_using_function(session, account.id, function.id, calls.warmer.max_agents)
-    for agent in reversed(using):  # the most recently changed agent is read first
-        calls.agent_changed(agent)
+    calls.agents_changed(
+        await agents_using_function(session, account.id, function.id, calls.warmer.max_agents)
+    )
     return FunctionPublic.model_validate(function)
 
 

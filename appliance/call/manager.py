@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -112,9 +112,10 @@ class CallManager:
             max_agents=min(settings.call.prewarm_agents, max(0, settings.llm.slots - 1)),
         )  # fmt: skip
 
-    def agent_changed(self, agent: Agent) -> None:
-        """An agent was created or changed: its next call should find its prompt read."""
-        self.warmer.agent_changed(agent_from_row(agent))
+    def agents_changed(self, agents: Sequence[Agent]) -> None:
+        """Agents (most recently changed first) were created or changed, or a function they offer:
+        their next calls should find their prompts read."""
+        self.warmer.agents_changed([agent_from_row(a) for a in agents])
 
     # -- answer URL ------------------------------------------------------------------------------
     def _expire(self) -> None:

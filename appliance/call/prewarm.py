@@ -74,16 +74,18 @@ class PromptWarmer:
 
     def start(self, recent: Sequence[AgentConfig]) -> None:
         """At server start: ``recent`` agents, most recently changed first."""
-        if not self.enabled:
-            return
-        for agent in reversed(recent[: self.max_agents]):
-            self._push(agent)
+        self.agents_changed(recent)
         self._startup = set(self._queue)
 
     def agent_changed(self, agent: AgentConfig) -> None:
         """An agent was created or changed: read its prompt ahead of its next call."""
+        self.agents_changed([agent])
+
+    def agents_changed(self, agents: Sequence[AgentConfig]) -> None:
+        """Agents changed, most recently first: the first is read first, and only ``max_agents``."""
         if self.enabled:
-            self._push(agent)
+            for agent in reversed(agents[: self.max_agents]):
+                self._push(agent)
 
     def _push(self, agent: AgentConfig) -> None:
         self._queue.pop(agent.id, None)
