@@ -26,7 +26,6 @@ from .tools import (
     BUILTINS,
     FIRST_KEY_GRAMMAR,
     KEY_OPENING,
-    REFUSAL_PREFIX_CHARS,
     SAY_OPENING,
     Answer,
     StreamingAnswer,
@@ -35,6 +34,7 @@ from .tools import (
     humanize,
     looks_like_refusal,
     max_output_chars,
+    may_become_refusal,
     normalize_arguments,
     output_schema,
     say_body_grammar,
@@ -223,7 +223,8 @@ class Conversation:
                 trace.generations.append(generation)
                 # Small models refuse requests a function handles ("I'm sorry, I can't cancel
                 # orders"). The first words of the first reply are held back until they are
-                # clearly not such a refusal; a refusal gets one chance to become a grounded call.
+                # clearly not such a refusal (most replies: at their first word); a refusal gets
+                # one chance to become a grounded call.
                 holding = step == 0 and bool(_evidenced(allowed))
                 held = ""
                 # aclosing: when our consumer stops, the generation below must stop with it at once.
@@ -231,7 +232,7 @@ class Conversation:
                     async for delta in deltas:
                         if holding:
                             held += delta
-                            if len(held.lstrip()) < REFUSAL_PREFIX_CHARS or looks_like_refusal(held):
+                            if may_become_refusal(held):
                                 continue
                             holding, delta, held = False, held, ""
                         yield TextDelta(delta)

@@ -382,13 +382,27 @@ def normalize_arguments(spec: FunctionSpec, arguments: dict[str, Any]) -> dict[s
     return out
 
 
-_REFUSAL = re.compile(
-    r"^(i'?m sorry|i am sorry|sorry|i can'?t|i cannot|i'?m unable|i am unable|unfortunately|"
-    r"i don'?t have)",
-    re.IGNORECASE,
-)
-REFUSAL_PREFIX_CHARS = 16
+# How a small model's refusal begins ("I'm sorry, I can't cancel orders").
+REFUSAL_OPENINGS = (
+    "i'm sorry", "im sorry", "i am sorry", "sorry", "i can't", "i cant", "i cannot", "i'm unable",
+    "im unable", "i am unable", "unfortunately", "i don't have", "i dont have",
+)  # fmt: skip
+_REFUSAL = re.compile("^(" + "|".join(re.escape(opening) for opening in REFUSAL_OPENINGS) + ")")
+
+
+def _normalized_opening(text: str) -> str:
+    return text.lstrip().replace("\u2019", "'").lower()
 
 
 def looks_like_refusal(text: str) -> bool:
-    return bool(_REFUSAL.match(text.lstrip().replace("\u2019", "'")))
+    return bool(_REFUSAL.match(_normalized_opening(text)))
+
+
+def may_become_refusal(text: str) -> bool:
+    """True while the start of a reply could still turn out to be a refusal: it is one, or it is
+    the beginning of a refusal's opening ("I", "I'm s", "Unfortu"). "You have", "Sure", "I'd" are
+    not, and can be spoken at once."""
+    opening = _normalized_opening(text)
+    if looks_like_refusal(opening):
+        return True
+    return any(candidate.startswith(opening) for candidate in REFUSAL_OPENINGS)

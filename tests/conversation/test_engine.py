@@ -360,6 +360,30 @@ async def test_a_refusal_with_the_detail_in_the_message_becomes_the_call(
     assert events[-1] == TurnDone("It has shipped.") and conversation.last_trace.recovered_refusal
 
 
+@pytest.mark.parametrize(
+    ("reply", "released"), [("You have two orders with us.", "Y"), ("I'd be glad to help.", "I'd")]
+)
+async def test_a_reply_that_cannot_be_a_refusal_is_not_held_back(
+    dispatcher: HttpDispatcher, handler: HandlerServer, reply: str, released: str
+) -> None:
+    # The agent has a function a caller's words can evidence, so refusals are held back; a reply
+    # whose first word is no refusal's must reach the voice at once, not after 16 characters.
+    llm = ScriptedLlm([_say(reply)], piece_size=1)
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    first: tuple[str, int] | None = None
+    spoken = ""
+    async for event in conversation.turn("How are my orders?"):
+        if isinstance(event, TextDelta):
+            if first is None:
+                first = (event.text, llm.pieces_sent)
+            spoken += event.text
+    assert spoken == reply
+    assert first is not None
+    text, pieces = first
+    assert text == released  # the first characters that are no refusal's opening
+    assert pieces == len('{"say": "') + len(released)  # one piece a character
+
+
 async def test_a_refusal_without_evidence_is_spoken(
     dispatcher: HttpDispatcher, handler: HandlerServer
 ) -> None:

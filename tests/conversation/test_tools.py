@@ -10,7 +10,9 @@ import pytest
 from appliance.conversation.tools import (
     ARGUMENT_MAX_CHARS,
     StreamingAnswer,
+    looks_like_refusal,
     max_output_chars,
+    may_become_refusal,
     normalize_arguments,
     output_schema,
     parse_answer,
@@ -165,3 +167,31 @@ def test_spaced_digits_are_joined() -> None:
     assert normalize_arguments(ORDER, {"order_id": " 1 1 2 2 3 "}) == {"order_id": "11223"}
     assert normalize_arguments(ORDER, {"order_id": "AB 12"}) == {"order_id": "AB 12"}
     assert normalize_arguments(ORDER, {"order_id": "123-456"}) == {"order_id": "123-456"}
+
+
+@pytest.mark.parametrize(
+    ("opening", "maybe"),
+    [
+        ("", True),
+        ("  I", True),
+        ("I\u2019m so", True),  # typographic apostrophe
+        ("Unfortu", True),
+        ("SORRY, we", True),
+        ("I'm sorry, but", True),
+        ("I can", True),
+        ("I'd", False),
+        ("You", False),
+        ("Sure, I", False),
+        ("I have your order", False),
+        ("So", True),  # "Sorry" may follow
+        ("So, your", False),
+    ],
+)
+def test_may_become_refusal(opening: str, maybe: bool) -> None:
+    assert may_become_refusal(opening) is maybe
+
+
+def test_refusals_are_recognised_whatever_the_case_and_apostrophe() -> None:
+    assert looks_like_refusal(" I\u2019m sorry, I can't do that")
+    assert looks_like_refusal("unfortunately not") and looks_like_refusal("I dont have that")
+    assert not looks_like_refusal("I'd love to") and not looks_like_refusal("So, your order")
