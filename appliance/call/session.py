@@ -43,7 +43,7 @@ from ..conversation.types import (
 from ..conversation.types import TurnEvent as BrainEvent
 from ..engines.types import AsrEngine, FloatArray, Int16Array, TtsEngine, VadModel
 from ..store.db import utcnow
-from .chunker import ClauseChunker
+from .chunker import ClauseChunker, fixed_text_clauses
 from .clock import Clock, MonotonicClock
 from .endpoint import EndpointPolicy
 from .playout import AudioSink, Playout
@@ -65,7 +65,6 @@ log = logging.getLogger(__name__)
 # A window this likely to be speech pauses the agent at once; speech must follow within HOLD_S.
 HOLD_PROB = 0.3
 HOLD_S = 0.15
-FIXED_FIRST_MIN_CHARS = 12
 INBOUND_MAX_FRAMES = 250  # 5 s of 20 ms frames: beyond that the session is hopelessly behind
 # Words a caller says while listening; they never interrupt the agent.
 BACKCHANNELS = frozenset(
@@ -660,11 +659,7 @@ class CallSession:
         try:
             if reply.fixed_text is not None:
                 # Clause by clause: audio starts sooner, and checkpoints say how far the caller got.
-                # Known text: no generation to wait for, so keep short openings ("Hello,") joined.
-                chunker = ClauseChunker(first_min_chars=FIXED_FIRST_MIN_CHARS)
-                clauses = chunker.push(reply.fixed_text)
-                rest = chunker.flush()
-                for clause in [*clauses, *([rest] if rest else [])]:
+                for clause in fixed_text_clauses(reply.fixed_text):
                     reply.clauses.append(clause)
                     await self.voice.speak(reply, clause)
             else:
@@ -685,7 +680,7 @@ class CallSession:
         the rest is still being generated."""
         assert reply.input_text is not None
         clauses: asyncio.Queue[str | None] = asyncio.Queue(maxsize=32)
-        chunker = ClauseChunker(first_phrase_words=self.config.first_phrase_words)
+        chunker = ClauseChunker(first_phrase_words=self.config.first_phrase_words, token_deltas=True)
         timings = reply.timings
 
         async def think() -> None:

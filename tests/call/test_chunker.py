@@ -107,6 +107,25 @@ def test_first_clause_may_end_before_a_noun_phrase_after_a_verb() -> None:
     assert ch.push(" ten") == ["You have"]
 
 
+def test_llm_token_deltas_cut_at_a_phrase_opening_word_as_soon_as_it_arrives() -> None:
+    # From an LLM, a delta ends at a token boundary, where a lowercase word is whole: the cut
+    # before "the" needs no further token.
+    ch = ClauseChunker(first_phrase_words=2, token_deltas=True)
+    assert ch.push("You") == [] and ch.push(" have") == []
+    assert ch.push(" the") == ["You have"]
+    assert ch.push(" ten of clubs.") == ["the ten of clubs."]
+    ch = ClauseChunker(first_phrase_words=2, token_deltas=True)
+    assert ch.push("The ten of clubs") == []
+    assert ch.push(" is") == ["The ten of clubs"]
+    # Not a word that may be the first piece of a longer one: a capitalised word ("In" +
+    # "clusion"), a number read a digit or two at a time, a word still binding the next.
+    for pieces in (["You have", " In"], ["You have", " 1"], ["It", " is"], ["You have", " them"]):
+        ch = ClauseChunker(first_phrase_words=2, token_deltas=True)
+        assert [c for p in pieces for c in ch.push(p)] == [], pieces
+    ch = ClauseChunker(first_phrase_words=2, token_deltas=True)
+    assert ch.push("You have 1") == [] and ch.push("0") == [] and ch.push(" of") == ["You have"]
+
+
 def test_no_noun_phrase_cut_after_a_word_it_belongs_with_or_in_a_question() -> None:
     for text in (
         "The queen of the night is here.",  # "of | the"
