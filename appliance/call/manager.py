@@ -27,7 +27,7 @@ from ..telephony.rest import PlivoApiError, PlivoRest
 from ..telephony.signature import SignatureVerifier
 from ..telephony.stream_token import StreamClaims, StreamTokens, load_or_create_secret
 from .playout import AudioSink
-from .prewarm import PromptWarmer
+from .prewarm import Greeting, PromptWarmer
 from .records import CallInfo, TeeRecorder
 from .session import CallSession, SessionConfig
 
@@ -115,7 +115,7 @@ class CallManager:
     def agents_changed(self, agents: Sequence[Agent]) -> None:
         """Agents (most recently changed first) were created or changed, or a function they offer:
         their next calls should find their prompts read."""
-        self.warmer.agents_changed([agent_from_row(a) for a in agents])
+        self.warmer.agents_changed([agent_from_row(a) for a in agents], greetings(agents))
 
     # -- answer URL ------------------------------------------------------------------------------
     def _expire(self) -> None:
@@ -188,15 +188,15 @@ class CallManager:
             agent_from_row(agent), llm, context, dispatcher=self._dispatcher,
             retriever=self.state.services.get("knowledge"),
         )  # fmt: skip
-        welcome = agent.welcome_message or ""
+        greeting = greeting_of(agent)
         cs = self.settings.call
         config = SessionConfig(
-            welcome_message=welcome, call_timeout_s=float(agent.call_timeout or 0),
+            welcome_message=greeting.text, call_timeout_s=float(agent.call_timeout or 0),
             end_of_turn_silence_ms=cs.end_of_turn_silence_ms, min_utterance_ms=cs.min_utterance_ms,
             barge_in_min_speech_ms=cs.barge_in_min_speech_ms, playout_lead_ms=cs.playout_lead_ms,
             pause_ms=cs.pause_ms, smart_end_of_turn=cs.smart_end_of_turn, speculative=cs.speculative,
             first_phrase_words=cs.first_phrase_words,
-            tts_speed=float(tts_cfg.get("speed") or 1.0), language=stt.get("language") or "en",
+            tts_speed=greeting.speed, language=stt.get("language") or "en",
         )  # fmt: skip
         rest = self.rest_for(account)
         transfer_token = self.tokens.issue(
@@ -284,6 +284,16 @@ class CallManager:
         self._vad_executor.shutdown(wait=False, cancel_futures=True)
 
 
+def greeting_of(agent: Agent) -> Greeting:
+    """What the agent's calls say first, and in which voice."""
+    tts: Mapping[str, Any] = agent.tts or {}
+    return Greeting(agent.welcome_message or "", tts.get("voice"), float(tts.get("speed") or 1.0))
+
+
+def greetings(agents: Sequence[Agent]) -> dict[str, Greeting]:
+    return {agent.id: greeting_of(agent) for agent in agents}
+
+
 async def open_calls(state: AppState, stack: contextlib.AsyncExitStack) -> CallManager:
     """Open the call service (needs ``db``): close calls a dead process left live, register shutdown."""
     async with state.services["db"].sessions() as session:
@@ -296,5 +306,5 @@ async def open_calls(state: AppState, stack: contextlib.AsyncExitStack) -> CallM
     if manager.warmer.enabled:
         async with state.services["db"].sessions() as session:
             recent = await recent_agents(session, manager.warmer.max_agents)
-            manager.warmer.start([agent_from_row(a) for a in recent])
+            manager.warmer.start([agent_from_row(a) for a in recent], greetings(recent))
     return manager

@@ -25,6 +25,7 @@ more than wins back the arena's cost on the clause the caller waits for, wheneve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -61,6 +62,9 @@ class PhraseCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
 
     @staticmethod
     def key(text: str, speed: float) -> tuple[str, float] | None:
@@ -204,6 +208,19 @@ class PiperTts:
             self._active -= 1
             producer.cancel()
             await asyncio.wait([producer])
+
+    async def warm_phrase(self, text: str, *, speed: float = 1.0) -> bool:
+        """Synthesize ``text`` into the phrase cache ahead of need (background priority), unless it
+        is there already. False when it is too long to be kept or the cache is off."""
+        speed = _check_speed(speed)
+        key = PhraseCache.key(text, speed) if self.phrases.max_bytes and text.strip() else None
+        if key is None:
+            return False
+        if key not in self.phrases:
+            async with contextlib.aclosing(self.synthesize(text, speed=speed)) as chunks:
+                async for _ in chunks:
+                    pass
+        return key in self.phrases
 
     async def _produce(
         self, sentences: Generator[Int16Array, None, None], queue: asyncio.Queue[object], urgent: bool

@@ -9,6 +9,7 @@ import pytest
 from fastapi import FastAPI
 
 from appliance.api.agent_schemas import DEFAULT_CALL_TIMEOUT, DEFAULT_PROMPT
+from appliance.call.prewarm import Greeting
 from appliance.server import create_app
 from appliance.store.accounts import create_account, get_account
 from appliance.store.documents import Document
@@ -237,6 +238,14 @@ async def test_a_created_or_changed_agent_is_queued_for_its_prompt_to_be_read_ah
     queued = warmer.queued()
     assert [a.id for a in queued] == [first["id"], second["id"]]
     assert queued[0].prompt == "You answer for the Copper shop."  # the agent as it is now
+    # Its greeting goes with it, in its voice and speed as they are now.
+    r = await client.patch(
+        url, auth=account.auth, json={"welcome_message": "Copper shop, hello!", "tts": {"speed": 1.25}}
+    )
+    assert r.status_code == 200, r.text
+    voice = app.state.appliance.settings.models.tts  # stored as the voice it resolved to
+    assert warmer.queued_greeting(first["id"]) == Greeting("Copper shop, hello!", voice, 1.25)
+    queued = warmer.queued()
     r = await client.patch(url, auth=account.auth, json={"answer_llm": {"model": "no-such-model"}})
     assert r.status_code == 422
     assert warmer.queued() == queued  # a refused change reads nothing

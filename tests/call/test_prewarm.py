@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
-from appliance.call.prewarm import PromptWarmer
+from appliance.call.chunker import fixed_text_clauses
+from appliance.call.prewarm import Greeting, PromptWarmer
 from appliance.config import load_settings
 from appliance.conversation import Conversation, ConversationContext, FunctionSpec, HttpDispatcher, Parameter
 from appliance.conversation.types import AgentConfig
+from appliance.engines.tts import PiperTts
 from appliance.model_manifest import Manifest
 
 NOW = datetime(2026, 11, 26, 9, 30, tzinfo=UTC)
@@ -64,12 +66,15 @@ class Registry:
     ready: bool = True
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     loaded_models: tuple[str | None, ...] = (None, "qwen")
+    tts: Any = None  # the default voice, if loaded
 
     @property
     def status(self) -> Any:
         return SimpleNamespace(ready=self.ready)
 
     def peek(self, role: str, model_id: str | None = None) -> Any:
+        if role == "tts":
+            return self.tts if model_id is None else None
         assert role == "llm"
         return self.llm if model_id in self.loaded_models else None
 
@@ -245,3 +250,33 @@ async def test_a_call_to_an_agent_read_ahead_copies_nearly_all_of_its_prompt(
         await warmer.close()
     finally:
         llm.close()
+
+
+async def test_a_greetings_first_clause_is_made_ready_in_its_voice(
+    dispatcher: HttpDispatcher, tts_engine: PiperTts
+) -> None:
+    """The real voice: the greeting's first clause (not the rest) is in its phrase cache at the
+    call's speed, so the call replays it; a voice that is not loaded is left alone."""
+    tts = PiperTts("greeting-voice", tts_engine.model_dir, threads=1)
+    llm = RecordingLlm()
+    registry = Registry(llm, tts=tts)
+    warmer = PromptWarmer(registry, dispatcher, max_agents=2)  # type: ignore[arg-type]
+    registry.settled.set()
+    welcome = "Thanks for calling the Lantern Grill. We take bookings from noon until ten at night."
+    first, *rest = fixed_text_clauses(welcome)
+    assert rest  # more than one clause: only the first is needed ahead
+    warmer.agent_changed(agent(1), Greeting(welcome, None, 1.25))
+    warmer.agent_changed(agent(2), Greeting("Hello from another voice.", "other-voice"))
+    for _ in range(400):
+        if warmer.warmed == 2 and not warmer.pending:
+            break
+        await asyncio.sleep(0.025)
+    assert warmer.warmed == 2 and warmer.greetings == 1  # both prompts read; one voice loaded
+    assert len(tts.phrases) == 1 and (first, 1.25) in tts.phrases
+    hits = tts.phrases.hits
+    audio = [chunk async for chunk in tts.synthesize(first, speed=1.25)]
+    assert tts.phrases.hits == hits + 1 and sum(chunk.size for chunk in audio) > tts.sample_rate // 2
+    assert not await tts.warm_phrase("x" * 101)  # too long to be kept: not synthesized
+    assert len(tts.phrases) == 1
+    await warmer.close()
+    tts.close()
