@@ -94,8 +94,10 @@ class CallSettings(_Section):
     barge_in_min_speech_ms: int = 300
     playout_lead_ms: int = 100
     stream_token_ttl_s: int = 300
-    # Transcribe after this much silence, before the end of the turn is certain.
+    # Transcribe after this much silence, before the end of the turn is certain; already after
+    # ``quick_pause_ms`` when no other engine work is running at that moment (0: never).
     pause_ms: int = 200
+    quick_pause_ms: int = 120
     # End-of-turn silence adapted to the words so far (shorter after a sentence, longer after "and").
     smart_end_of_turn: bool = True
     # Start the reply at that pause, held back until the end of the turn is certain.

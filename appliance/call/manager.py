@@ -194,7 +194,8 @@ class CallManager:
             welcome_message=greeting.text, call_timeout_s=float(agent.call_timeout or 0),
             end_of_turn_silence_ms=cs.end_of_turn_silence_ms, min_utterance_ms=cs.min_utterance_ms,
             barge_in_min_speech_ms=cs.barge_in_min_speech_ms, playout_lead_ms=cs.playout_lead_ms,
-            pause_ms=cs.pause_ms, smart_end_of_turn=cs.smart_end_of_turn, speculative=cs.speculative,
+            pause_ms=cs.pause_ms, quick_pause_ms=cs.quick_pause_ms,
+            smart_end_of_turn=cs.smart_end_of_turn, speculative=cs.speculative,
             first_phrase_words=cs.first_phrase_words,
             tts_speed=greeting.speed, language=stt.get("language") or "en",
         )  # fmt: skip

@@ -41,6 +41,7 @@ from ..conversation.types import (
     TurnDone,
 )
 from ..conversation.types import TurnEvent as BrainEvent
+from ..engines.priority import CPU
 from ..engines.types import AsrEngine, FloatArray, Int16Array, TtsEngine, VadModel
 from ..store.db import utcnow
 from .chunker import ClauseChunker, fixed_text_clauses
@@ -113,8 +114,10 @@ class SessionConfig:
     language: str | None = "en"
     # Below this RMS (int16 units, ~-47 dBFS) a frame is never speech: echo residue and line hiss.
     min_speech_rms: float = 150.0
-    # Start transcribing after this much silence, before the end of the turn is certain.
+    # Start transcribing after this much silence, before the end of the turn is certain; already
+    # after ``quick_pause_ms`` when the cores are free at that moment (0: never).
     pause_ms: int = 200
+    quick_pause_ms: int = 120
     # Adapt the end-of-turn silence to the words so far (see appliance/call/endpoint.py).
     smart_end_of_turn: bool = True
     # Start the reply at the pause, held back until the end of the turn is certain.
@@ -180,7 +183,7 @@ class CallSession:
         self.voice = Voice(tts, self.playout, speed=config.tts_speed)
         self.detector = TurnDetector(
             end_of_turn_silence_ms=config.end_of_turn_silence_ms, min_utterance_ms=config.min_utterance_ms,
-            pause_ms=config.pause_ms,
+            pause_ms=config.pause_ms, quick_pause_ms=config.quick_pause_ms,
         )  # fmt: skip
         self.endpoint = EndpointPolicy(default_ms=config.end_of_turn_silence_ms)
         self.utterance = UtteranceBuffer(16000, max_seconds=30.0, preroll_ms=400.0)
@@ -391,7 +394,10 @@ class CallSession:
             elif event.voiced_ms >= cfg.barge_in_min_speech_ms and barge.checking is None:
                 barge.checking = self._spawn(self._check_words(barge), "barge-check")  # type: ignore[assignment]
         elif isinstance(event, SpeechPaused):
-            if self._early is None:
+            # A quick pause is often only a gap between words: transcribing there is worth it when
+            # it takes nothing from other work (no transcription, synthesis or first clause under
+            # way); otherwise the usual pause follows if the silence goes on.
+            if self._early is None and (not event.quick or not (CPU.working_now or CPU.latency_critical_now)):
                 snapshot = self.utterance.snapshot()
                 task = self._spawn(self._early_transcript(snapshot, self._utterance_seq), "early-asr")
                 if task is not None:

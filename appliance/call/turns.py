@@ -35,10 +35,13 @@ class SpeechProgress:
 
 @dataclass(frozen=True)
 class SpeechPaused:
-    """The caller went quiet for a short while: a good moment to start transcribing early."""
+    """The caller went quiet for a short while: a good moment to start transcribing early.
+    ``quick``: after ``quick_pause_ms``, sooner than the usual ``pause_ms`` (which follows if the
+    silence goes on): worth acting on when the work is cheap, i.e. the cores are free."""
 
     voiced_ms: float
     last_voiced: float
+    quick: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class TurnDetector:
         stay_threshold: float = 0.35,
         start_windows: int = 2,
         pause_ms: float = 250.0,
+        quick_pause_ms: float = 0.0,
         window_ms: float = WINDOW_MS,
     ):
         self.end_of_turn_silence_ms = end_of_turn_silence_ms
@@ -78,6 +82,8 @@ class TurnDetector:
         self.stay_threshold = stay_threshold
         self.start_windows = start_windows
         self.pause_ms = min(pause_ms, end_of_turn_silence_ms)
+        # 0 (or not below ``pause_ms``): no quick pause.
+        self.quick_pause_ms = quick_pause_ms if 0 < quick_pause_ms < self.pause_ms else 0.0
         self.window_ms = window_ms
         self.reset()
 
@@ -90,6 +96,7 @@ class TurnDetector:
         self._silence_ms = 0.0
         self._last_voiced = 0.0
         self._paused_sent = False
+        self._quick_sent = False
         self._turn_silence_ms: float | None = None
 
     def set_turn_silence(self, ms: float | None) -> None:
@@ -121,7 +128,7 @@ class TurnDetector:
                     self._voiced_ms = self._run * self.window_ms
                     self._silence_ms = 0.0
                     self._last_voiced = now
-                    self._paused_sent = False
+                    self._paused_sent = self._quick_sent = False
                     self._turn_silence_ms = None
                     self._run = 0
                     events.append(SpeechStarted(self._onset))
@@ -134,12 +141,16 @@ class TurnDetector:
             self._voiced_ms += self.window_ms
             self._silence_ms = 0.0
             self._last_voiced = now
-            self._paused_sent = False
+            self._paused_sent = self._quick_sent = False
             self._turn_silence_ms = None
             events.append(SpeechProgress(self._voiced_ms))
             return events
 
         self._silence_ms += self.window_ms
+        if self.quick_pause_ms and not self._quick_sent and self._silence_ms >= self.quick_pause_ms:
+            self._quick_sent = True
+            if self._voiced_ms >= self.min_utterance_ms:
+                events.append(SpeechPaused(self._voiced_ms, self._last_voiced, quick=True))
         if not self._paused_sent and self._silence_ms >= self.pause_ms:
             self._paused_sent = True
             if self._voiced_ms >= self.min_utterance_ms:

@@ -6,6 +6,7 @@ import asyncio
 
 from appliance.call.session import is_backchannel
 from appliance.conversation.types import EndCall, FunctionCallFinished, FunctionCallStarted, Transfer
+from appliance.engines.priority import CPU
 
 from .fakes import ScriptedBrain, SpeculativeBrain, make_harness, tone
 
@@ -421,6 +422,30 @@ async def test_a_speculative_function_call_is_dispatched_once_the_turn_is_certai
     assert brain.dispatched == ["get_hours"]
     assert [c.name for c in h.recorder.function_calls] == ["get_hours"]
     assert " ".join(h.tts.spoken) == "We open at nine."  # "We open | at nine." with phrase cuts
+    await h.stop()
+
+
+async def test_a_quick_pause_starts_the_reply_only_while_no_other_engine_work_runs() -> None:
+    brain = SpeculativeBrain()
+    h = make_harness(
+        brain=brain, asr_script=lambda s: "What are your hours?", pause_ms=200, quick_pause_ms=120
+    )
+    await h.start()
+    await h.feed(tone(800))
+    await h.silence(170)  # past the quick pause (128 ms), before the usual one (224 ms)
+    assert len(h.asr.calls) == 1 and h.session.speculations == 1
+    await h.silence(1500)
+    assert h.session.speculations_committed == 1
+    # Another call's synthesis (or transcription) on the cores: the quick pause is passed up.
+    await h.feed(tone(800))
+    with CPU.working():
+        await h.silence(170)
+        assert len(h.asr.calls) == 1 and h.session.speculations == 1
+        await h.silence(80)  # the usual pause
+        assert len(h.asr.calls) == 2 and h.session.speculations == 2
+    await h.silence(1500)
+    assert h.session.speculations_committed == 2 and h.session.speculations_dropped == 0
+    assert brain.turns == ["What are your hours?"] * 2
     await h.stop()
 
 

@@ -16,8 +16,10 @@ from appliance.call.turns import (
 W = 0.032
 
 
-def run(probs: list[float], *, eot: float = 600, min: float = 200) -> list[tuple[float, object]]:
-    det = TurnDetector(end_of_turn_silence_ms=eot, min_utterance_ms=min)
+def run(
+    probs: list[float], *, eot: float = 600, min: float = 200, pause: float = 250, quick: float = 0
+) -> list[tuple[float, object]]:
+    det = TurnDetector(end_of_turn_silence_ms=eot, min_utterance_ms=min, pause_ms=pause, quick_pause_ms=quick)
     out: list[tuple[float, object]] = []
     for i, p in enumerate(probs):
         now = (i + 1) * W
@@ -78,6 +80,19 @@ def test_pause_event_comes_before_the_end_of_turn() -> None:
     ((t_end, _),) = of(events, TurnEnded)
     assert t_pause < t_end
     assert 0.25 <= t_pause - 15 * W < 0.25 + W
+
+
+def test_a_quick_pause_comes_first_then_the_usual_one_each_once_per_silence() -> None:
+    # Two words with a 160 ms gap, then silence: a quick pause in the gap (the caller goes on) and
+    # one in the final silence, which then also gets the usual pause.
+    probs = [0.9] * 15 + [0.0] * 5 + [0.9] * 10 + [0.0] * 25
+    pauses = of(run(probs, pause=200, quick=120), SpeechPaused)
+    kinds = [(round(t / W), e.quick) for t, e in pauses]  # type: ignore[attr-defined]
+    assert kinds == [(19, True), (34, True), (37, False)]  # 4 and 7 windows into the silences
+    # Off (0) or not shorter than the usual pause: only the usual pause.
+    for quick in (0, 200, 300):
+        pauses = of(run(probs, pause=200, quick=quick), SpeechPaused)
+        assert [e.quick for _, e in pauses] == [False], quick  # type: ignore[attr-defined]
 
 
 def test_utterance_buffer_keeps_preroll_and_is_bounded() -> None:
