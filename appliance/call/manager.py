@@ -168,11 +168,11 @@ class CallManager:
             raise CallRefused("over capacity")
         engines = self.state.engines
         stt = agent.stt or {}
-        tts_cfg = agent.tts or {}
+        greeting = greeting_of(agent)
         llm_cfg = agent.answer_llm or {}
         vad = await engines.vad()
         asr = await engines.asr(stt.get("model"))
-        tts = await engines.tts(tts_cfg.get("voice"))
+        tts = await engines.tts(greeting.voice)
         llm = await engines.llm(llm_cfg.get("model"))
         info = CallInfo(
             call_uuid=call_uuid, account_id=account.id, agent_id=agent.id,
@@ -188,7 +188,6 @@ class CallManager:
             agent_from_row(agent), llm, context, dispatcher=self._dispatcher,
             retriever=self.state.services.get("knowledge"),
         )  # fmt: skip
-        greeting = greeting_of(agent)
         cs = self.settings.call
         config = SessionConfig(
             welcome_message=greeting.text, call_timeout_s=float(agent.call_timeout or 0),
