@@ -387,7 +387,6 @@ REFUSAL_OPENINGS = (
     "i'm sorry", "im sorry", "i am sorry", "sorry", "i can't", "i cant", "i cannot", "i'm unable",
     "im unable", "i am unable", "unfortunately", "i don't have", "i dont have",
 )  # fmt: skip
-_REFUSAL = re.compile("^(" + "|".join(re.escape(opening) for opening in REFUSAL_OPENINGS) + ")")
 
 
 def _normalized_opening(text: str) -> str:
@@ -395,7 +394,7 @@ def _normalized_opening(text: str) -> str:
 
 
 def looks_like_refusal(text: str) -> bool:
-    return bool(_REFUSAL.match(_normalized_opening(text)))
+    return _normalized_opening(text).startswith(REFUSAL_OPENINGS)
 
 
 def may_become_refusal(text: str) -> bool:
@@ -403,6 +402,4 @@ def may_become_refusal(text: str) -> bool:
     the beginning of a refusal's opening ("I", "I'm s", "Unfortu"). "You have", "Sure", "I'd" are
     not, and can be spoken at once."""
     opening = _normalized_opening(text)
-    if looks_like_refusal(opening):
-        return True
-    return any(candidate.startswith(opening) for candidate in REFUSAL_OPENINGS)
+    return opening.startswith(REFUSAL_OPENINGS) or any(c.startswith(opening) for c in REFUSAL_OPENINGS)
