@@ -20,6 +20,8 @@ from .model_manifest import (
     ModelCorrupt,
     ModelError,
     ModelSpec,
+    check_file,
+    read_stamp,
     sha256_file,
     verify_files,
     write_stamp,
@@ -39,18 +41,57 @@ def install_models(
     for n, spec in enumerate(specs, 1):
         prefix = f"[model {n}/{len(specs)}] {spec.id} ({spec.role}, {spec.size / 1e6:.0f} MB)"
         directory = spec.directory(manifest.models_dir)
+        installed = False
         if not force and manifest.is_installed(spec):
             try:
                 verify_files(spec, directory)
                 progress(f"{prefix}: already installed")
-                continue
+                installed = True
             except ModelError as exc:
                 progress(f"{prefix}: installed copy is bad ({exc}); reinstalling")
-        started = time.monotonic()
-        progress(f"{prefix}: installing from {', '.join(s.requirement for s in spec.sources)} ...")
-        _install_one(spec, directory, progress)
-        progress(f"{prefix}: done in {time.monotonic() - started:.1f}s")
+        if not installed:
+            started = time.monotonic()
+            progress(f"{prefix}: installing from {', '.join(s.requirement for s in spec.sources)} ...")
+            _install_one(spec, directory, progress)
+            progress(f"{prefix}: done in {time.monotonic() - started:.1f}s")
+        _make_derived(spec, directory, progress)
     return specs
+
+
+def _make_derived(spec: ModelSpec, directory: Path, progress: Progress) -> None:
+    """Make the model's derived files that are missing or damaged. One that cannot be made, or comes
+    out different from the manifest's, is left out with a warning: the package file serves instead."""
+    from .model_derive import derive
+
+    stamp = read_stamp(directory)
+    for derived in spec.derived:
+        path = directory / derived.name
+        if path.is_file():
+            try:
+                check_file(spec, path, derived.size, derived.sha256, stamp)
+                continue
+            except ModelError as exc:
+                progress(f"    {derived.name} is damaged ({exc}); making it again")
+                path.unlink()
+        started = time.monotonic()
+        progress(f"    making {derived.name} from {derived.source} ...")
+        with tempfile.TemporaryDirectory(prefix=f".{derived.name}-", dir=directory) as tmp:
+            made = Path(tmp) / derived.name
+            try:
+                derive(derived, directory, made, progress)
+                actual = sha256_file(made)
+            except (ModelError, OSError) as exc:
+                progress(f"    warning: could not make {derived.name} ({exc}); loading {derived.source}")
+                continue
+            if actual != derived.sha256:
+                progress(
+                    f"    warning: {derived.name} came out as sha256 {actual}, not the manifest's "
+                    f"{derived.sha256}; it is not kept, and {derived.source} will be loaded (slower)"
+                )
+                continue
+            made.rename(path)
+        write_stamp(spec, directory)
+        progress(f"    {derived.name} done in {time.monotonic() - started:.1f}s")
 
 
 def _install_one(spec: ModelSpec, directory: Path, progress: Progress) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any, Literal
 Role = Literal["vad", "asr", "llm", "tts", "embed"]
 ROLES: tuple[Role, ...] = ("vad", "asr", "llm", "tts", "embed")
 STAMP_NAME = ".verified.json"
+
+log = logging.getLogger(__name__)
 
 
 class ModelError(Exception):
@@ -56,6 +59,21 @@ class ModelFile:
 
 
 @dataclass(frozen=True)
+class DerivedFile:
+    """A file the model's setup makes from one of its package files (``model_derive``): ``source``
+    with the tensors whose names match ``tensors`` requantized to ``quantize``. ``sha256`` and
+    ``size`` are what that makes on x86-64; a copy that comes out different is not kept, and the
+    package file is loaded instead."""
+
+    name: str
+    source: str
+    quantize: str
+    tensors: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     id: str
     role: Role
@@ -64,6 +82,7 @@ class ModelSpec:
     files: tuple[ModelFile, ...]
     params: dict[str, Any] = field(default_factory=dict)
     default: bool = False
+    derived: tuple[DerivedFile, ...] = ()
 
     def directory(self, models_dir: Path) -> Path:
         return models_dir / self.role / self.id
@@ -111,6 +130,12 @@ class Manifest:
                     ),
                     params=dict(entry.get("params", {})),
                     default=bool(entry.get("default", False)),
+                    derived=tuple(
+                        DerivedFile(
+                            d["name"], d["from"], d["quantize"], d["tensors"], d["sha256"], int(d["size"])
+                        )
+                        for d in entry.get("derived", [])
+                    ),
                 )
             )
         return cls(models_dir, specs)
@@ -146,8 +171,15 @@ class Manifest:
             verify_files(spec, directory)
         return directory
 
+    def weights(
+        self, model_id: str, role: Role | None = None, *, derived: bool = True, verify: bool = True
+    ) -> Path:
+        """The file to load of an installed model (see :func:`weights_file`)."""
+        directory = self.path(model_id, role, verify=verify)
+        return weights_file(self.get(model_id, role), directory, derived=derived)
 
-def _read_stamp(directory: Path) -> dict[str, Any]:
+
+def read_stamp(directory: Path) -> dict[str, Any]:
     try:
         data = json.loads((directory / STAMP_NAME).read_text())
         return data if isinstance(data, dict) else {}
@@ -156,44 +188,68 @@ def _read_stamp(directory: Path) -> dict[str, Any]:
 
 
 def write_stamp(spec: ModelSpec, directory: Path) -> None:
+    """Record the verified files (package files, and derived files present) by size and mtime."""
     stamp = {}
-    for f in spec.files:
-        st = (directory / f.name).stat()
-        stamp[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": f.sha256}
+    for name, sha256 in [(f.name, f.sha256) for f in spec.files] + [(d.name, d.sha256) for d in spec.derived]:
+        path = directory / name
+        if path.is_file():
+            st = path.stat()
+            stamp[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
     (directory / STAMP_NAME).write_text(json.dumps(stamp, indent=1))
 
 
+def check_file(spec: ModelSpec, path: Path, size: int, sha256: str, stamp: dict[str, Any]) -> bool:
+    """Raise unless ``path`` has ``size`` bytes and ``sha256``; True when it had to be rehashed. The
+    full hash is skipped when the file is unchanged since it was last verified (same size and
+    mtime as the stamp), so start-up does not rehash 500 MB."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ModelNotInstalled(
+            f"model file missing: {path}; run: python -m appliance models install {spec.id}"
+        ) from None
+    if st.st_size != size:
+        raise ModelCorrupt(
+            f"model file {path} has {st.st_size} bytes, manifest says {size}; "
+            f"reinstall with: python -m appliance models install --force {spec.id}"
+        )
+    seen = stamp.get(path.name, {})
+    if (seen.get("size"), seen.get("mtime_ns"), seen.get("sha256")) == (st.st_size, st.st_mtime_ns, sha256):
+        return False
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise ModelCorrupt(
+            f"model file {path} has sha256 {actual}, manifest says {sha256}; "
+            f"reinstall with: python -m appliance models install --force {spec.id}"
+        )
+    return True
+
+
 def verify_files(spec: ModelSpec, directory: Path) -> None:
-    """Check every file's size and sha256. The full hash is skipped when the file is unchanged since
-    it was last verified (same size and mtime as the stamp), so start-up does not rehash 500 MB."""
-    stamp = _read_stamp(directory)
+    """Check every package file's size and sha256 (see ``_check_file``)."""
+    stamp = read_stamp(directory)
     rehashed = False
     for f in spec.files:
-        path = directory / f.name
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise ModelNotInstalled(
-                f"model file missing: {path}; run: python -m appliance models install {spec.id}"
-            ) from None
-        if st.st_size != f.size:
-            raise ModelCorrupt(
-                f"model file {path} has {st.st_size} bytes, manifest says {f.size}; "
-                f"reinstall with: python -m appliance models install --force {spec.id}"
-            )
-        seen = stamp.get(f.name, {})
-        if (
-            seen.get("size") == st.st_size
-            and seen.get("mtime_ns") == st.st_mtime_ns
-            and (seen.get("sha256") == f.sha256)
-        ):
-            continue
-        actual = sha256_file(path)
-        if actual != f.sha256:
-            raise ModelCorrupt(
-                f"model file {path} has sha256 {actual}, manifest says {f.sha256}; "
-                f"reinstall with: python -m appliance models install --force {spec.id}"
-            )
-        rehashed = True
+        rehashed |= check_file(spec, directory / f.name, f.size, f.sha256, stamp)
     if rehashed:
         write_stamp(spec, directory)
+
+
+def weights_file(spec: ModelSpec, directory: Path, *, derived: bool = True) -> Path:
+    """The file to load from a verified model directory: with ``derived``, the first derived file
+    that is installed and intact, else the first package file. A damaged derived file is passed
+    over with a warning: the package file it was made from serves as well, only slower."""
+    if derived:
+        stamp = read_stamp(directory)
+        for d in spec.derived:
+            path = directory / d.name
+            if not path.is_file():
+                continue
+            try:
+                if check_file(spec, path, d.size, d.sha256, stamp):
+                    write_stamp(spec, directory)
+            except ModelCorrupt as exc:
+                log.warning("%s; loading %s instead", exc, spec.files[0].name)
+                continue
+            return path
+    return directory / spec.files[0].name

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Settings
-from ..model_manifest import Manifest, ModelError, Role
+from ..model_manifest import Manifest, ModelError, Role, weights_file
 from .types import AsrEngine, Embedder, LlmEngine, TtsEngine, VadModel
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ class EngineRegistry:
 
             spec = self.manifest.get(model_id)
             context = min(s.llm.context_size, int(spec.params.get("context_size", s.llm.context_size)))
+            weights = weights_file(spec, path, derived=s.llm.requantized)
+            log.info("llm %s: loading %s", model_id, weights.name)
             return LlamaLlm(
-                model_id, path / "model.gguf", context_size=context, threads=s.threads.llm,
+                model_id, weights, context_size=context, threads=s.threads.llm,
                 batch_threads=s.threads.llm_batch or s.threads.llm, shared_threads=s.threads.llm_shared,
                 slots=s.llm.slots,
                 gpu_layers=s.gpu.llm_gpu_layers,

@@ -205,7 +205,7 @@ async def test_a_failed_read_or_an_unloaded_model_skips_only_that_agent(dispatch
 
 def _qwen_path() -> Any:
     settings = load_settings()
-    return Manifest.load(settings.models_dir).path(settings.models.llm, "llm", verify=False) / "model.gguf"
+    return Manifest.load(settings.models_dir).weights(settings.models.llm, "llm", verify=False)
 
 
 @pytest.mark.slow

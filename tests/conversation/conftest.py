@@ -214,7 +214,7 @@ class ScriptedLlm:
 
 def llm_path(model_id: str) -> Path:
     settings = load_settings()
-    return Manifest.load(settings.models_dir).path(model_id, "llm", verify=False) / "model.gguf"
+    return Manifest.load(settings.models_dir).weights(model_id, "llm", verify=False)
 
 
 @pytest.fixture(scope="session")
