@@ -89,7 +89,8 @@ class Brain(Protocol):
         ...
 
     # Optional (looked up with getattr): ``snapshot() -> object`` and ``restore(state)``, which let a
-    # speculative turn be undone; a brain without them is never asked to speculate.
+    # speculative turn be undone (a brain without them is never asked to speculate); ``end()``, told
+    # when the call is over.
 
 
 class CallControl(Protocol):
@@ -295,6 +296,9 @@ class CallSession:
             if reply is not None and not reply.finalized:
                 self.playout.refresh()
                 self._finalize_reply(reply, interrupted=True)
+            end = getattr(self.brain, "end", None)
+            if end is not None:
+                end()
             self.recorder.submit(
                 CallFinished(
                     utcnow(),

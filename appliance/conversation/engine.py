@@ -178,6 +178,12 @@ class Conversation:
         history, pending = cast(tuple[list[HistoryItem], list[FunctionSpec]], state)
         self.history, self._pending = list(history), list(pending)
 
+    def end(self) -> None:
+        """The conversation is over: an engine that keeps its prompt cache may give it to others."""
+        release = getattr(self.llm, "release", None)
+        if release is not None:
+            release(self.context.session_id)
+
     def add_assistant_message(self, text: str) -> None:
         """Something the agent said outside a turn (the welcome message)."""
         self.history.append(HistoryItem("say", text=text))

@@ -499,6 +499,15 @@ class LlamaLlm:
             # for one step at most and no tokens are computed for it once we return.
             await job.finished.wait()
 
+    def release(self, cache_key: str) -> None:
+        """The conversation ``cache_key`` is over: its slot keeps its cells (another conversation of
+        the same agent may copy their prefix) but is the first to go to a new conversation, before
+        the slot of one that is still going on and only quiet for now."""
+        with self._wake:
+            for slot in self._slots:
+                if slot.owner == cache_key:
+                    slot.owner = None
+
     def close(self) -> None:
         if self._closed:
             return
@@ -601,8 +610,9 @@ class LlamaLlm:
             for slot in free:
                 if slot.owner == job.cache_key:
                     return slot
-        # An empty slot, else the least recently used; ``_start`` copies any shared prefix over.
-        return max(free, key=lambda s: (not s.tokens, -s.last_used))
+        # An empty slot, else one no conversation holds any more, else the least recently used;
+        # ``_start`` copies any shared prefix over.
+        return max(free, key=lambda s: (not s.tokens, s.owner is None, -s.last_used))
 
     def _start(self, job: _Job, slot: _Slot) -> None:
         now = time.monotonic()

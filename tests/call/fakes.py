@@ -124,6 +124,7 @@ class ScriptedBrain:
     assistant: list[str] = field(default_factory=list)
     cancelled: int = 0
     gate: asyncio.Event | None = None  # when set, each turn waits for it before speaking
+    ended: int = 0  # times told the call is over
 
     async def turn(self, text: str) -> AsyncIterator[TurnEvent]:
         self.turns.append(text)
@@ -149,6 +150,9 @@ class ScriptedBrain:
 
     def add_assistant_message(self, text: str) -> None:
         self.assistant.append(text)
+
+    def end(self) -> None:
+        self.ended += 1
 
 
 @dataclass

@@ -284,9 +284,11 @@ async def test_hangup_cancels_everything_and_leaves_no_task() -> None:
     await h.feed(tone(600))
     await h.silence(800)  # the brain is now stuck waiting
     assert h.brain.turns
+    assert h.brain.ended == 0
     await h.stop()
     await h.clock.settle()
     assert h.brain.cancelled == 1
+    assert h.brain.ended == 1  # told once the call is over (it may give up its prompt cache)
     assert set(asyncio.all_tasks()) - before <= {asyncio.current_task()}
     finished = h.recorder.finished
     assert finished is not None and finished.hangup_cause == "caller_hangup"

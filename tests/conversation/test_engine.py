@@ -73,6 +73,24 @@ async def test_speech_streams_in_pieces_and_ends_with_turn_done(
     assert llm.schemas[0] is not None and "oneOf" in llm.schemas[0]
 
 
+async def test_ending_a_conversation_releases_its_prompt_cache(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    released: list[str] = []
+
+    class CachingLlm(ScriptedLlm):
+        def release(self, cache_key: str) -> None:
+            released.append(cache_key)
+
+    conversation = _conversation(CachingLlm([_say("Hi.")]), dispatcher, handler.url("/order"))
+    await _run(conversation, "hi")
+    assert released == []
+    conversation.end()
+    assert released == ["s-1"]
+    # An engine without per-conversation caches has nothing to release.
+    _conversation(ScriptedLlm([]), dispatcher, handler.url("/order")).end()
+
+
 async def test_a_reply_that_loops_on_a_sentence_stops_at_the_repeat(
     dispatcher: HttpDispatcher, handler: HandlerServer
 ) -> None:

@@ -491,6 +491,24 @@ async def test_a_new_conversation_starts_from_a_shared_prefix_in_another_slot(sm
     assert stats.prompt_tokens - stats.cached_tokens < 30
 
 
+async def test_a_new_conversation_takes_the_slot_of_one_that_ended_not_of_a_quiet_one() -> None:
+    llm = LlamaLlm("smollm2-135m", _model_path("smollm2-135m"), context_size=CONTEXT, threads=2, slots=2)
+    try:
+        await _collect(llm, _conversation(llm, "frank", 0), max_tokens=4, cache_key="frank")
+        await _collect(llm, _conversation(llm, "gina", 0), max_tokens=4, cache_key="gina")
+        await _collect(llm, _conversation(llm, "frank", 1), max_tokens=4, cache_key="frank")
+        # Gina's call is quiet (the least recently used slot); Frank's has ended.
+        llm.release("frank")
+        await _collect(llm, _conversation(llm, "hank", 0), max_tokens=4, cache_key="hank")
+        await _collect(llm, _conversation(llm, "gina", 1), max_tokens=4, cache_key="gina")
+        stats = llm.last_stats
+        # Gina's next turn found her whole history in her own slot: nothing copied, only the turn read.
+        assert stats.restored_tokens == 0
+        assert stats.prompt_tokens - stats.cached_tokens < 30
+    finally:
+        llm.close()
+
+
 async def test_an_urgent_generation_goes_before_background_work(smol: LlamaLlm) -> None:
     """A prewarm or the rest of a long reply (background) gets a step only every
     ``BACKGROUND_MAX_WAIT_S`` while another generation's first tokens are being computed."""
