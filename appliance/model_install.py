@@ -70,8 +70,10 @@ def _make_derived(spec: ModelSpec, directory: Path, progress: Progress) -> None:
             try:
                 check_file(spec, path, derived.size, derived.sha256, stamp)
                 continue
-            except ModelError as exc:
-                progress(f"    {derived.name} is damaged ({exc}); making it again")
+            except ModelError:
+                progress(
+                    f"    {derived.name} differs from the manifest (changed or damaged); making it again"
+                )
                 path.unlink()
         started = time.monotonic()
         progress(f"    making {derived.name} from {derived.source} ...")
