@@ -65,8 +65,8 @@ class LlmSettings(_Section):
     # Sequences decoded together in one batch, each keeping one conversation's prompt cache; more
     # generations than this wait for a free one.
     slots: int = 4
-    # Load the file setup makes with the feed-forward weights requantized for the CPU's batched
-    # kernels (models/manifest.toml ``derived``), when the model has one: ~25% faster decoding.
+    # Load the file setup makes with feed-forward weights requantized for the CPU's batched kernels
+    # (models/manifest.toml ``derived``), when the model has one: 10-33% faster decoding.
     requantized: bool = True
 
 

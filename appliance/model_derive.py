@@ -2,11 +2,12 @@
 
 Why: on an x86 CPU with AVX2, llama.cpp repacks IQ4_NL (and Q4_0) weights into 8-row interleaved
 blocks whose kernels decode several sequences in one pass. The default LLM's packaged file stores
-its feed-forward weights (85% of its matrix weights) as q5_0, Q4_K and Q6_K, which on this CPU are
-computed row by row for every sequence. The same file with only the feed-forward tensors requantized
-to IQ4_NL (``scripts/bench_brain``: same tool and argument accuracy as the packaged file) decodes a
-token 20-25% faster and four sequences together ~30% faster (docs/capacity.md). Requantizing every
-tensor (attention too) lost a fifth of the right tool calls, so the recipe names its tensors.
+most matrices as q5_0, Q4_K and Q6_K, which on this CPU are computed row by row for every sequence.
+The same file with its feed-forward up and gate projections (59% of its matrix weights) requantized
+to IQ4_NL decodes one token 10-20% faster and 2-4 sequences together 25-33% faster, with the same or
+better ``scripts/bench_brain`` accuracy (docs/capacity.md). Requantizing every tensor (attention too)
+lost a fifth of the right tool calls, and ``ffn_down`` too broke the seed's order-status scenario, so
+the recipe names its tensors.
 
 How: llama.cpp's own ``llama_model_quantize`` requantizes a scratch copy of the whole file, and the
 chosen tensors are spliced from it into a copy of the packaged file (:func:`splice`); everything
