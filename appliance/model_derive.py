@@ -17,6 +17,7 @@ else, metadata included, is copied byte for byte. Nothing is downloaded.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import struct
 import tempfile
@@ -76,10 +77,7 @@ class TensorInfo:
         elements, size = block
         if self.dims[0] % elements:
             raise GgufError(f"tensor {self.name}: row of {self.dims[0]} is not whole blocks of {elements}")
-        count = 1
-        for d in self.dims:
-            count *= d
-        return count // elements * size
+        return math.prod(self.dims) // elements * size
 
 
 @dataclass(frozen=True)

@@ -17,75 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
 from pathlib import Path
-from typing import BinaryIO
-
-_MAGIC = b"GGUF"
-_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-_ALIGNMENT_KEY = "general.alignment"
-
-
-def _read(stream: BinaryIO, fmt: str) -> int:
-    size = struct.calcsize(fmt)
-    data = stream.read(size)
-    if len(data) != size:
-        raise ValueError("truncated GGUF header")
-    return int(struct.unpack(fmt, data)[0])
-
-
-def _read_string(stream: BinaryIO) -> bytes:
-    return stream.read(_read(stream, "<Q"))
-
-
-def _skip_value(stream: BinaryIO, value_type: int) -> int | None:
-    """Skip one metadata value; return it when it is a uint32 (for the alignment key)."""
-    if value_type == _STRING:
-        _read_string(stream)
-        return None
-    if value_type == _ARRAY:
-        item_type = _read(stream, "<I")
-        count = _read(stream, "<Q")
-        if item_type in _FIXED_SIZES:
-            stream.seek(_FIXED_SIZES[item_type] * count, 1)
-        else:
-            for _ in range(count):
-                _skip_value(stream, item_type)
-        return None
-    if value_type == 4:
-        return _read(stream, "<I")
-    stream.seek(_FIXED_SIZES[value_type], 1)
-    return None
-
-
-def data_offset(path: Path) -> int:
-    """Byte offset of the tensor data region: the header's end, rounded up to the alignment."""
-    with path.open("rb") as stream:
-        if stream.read(4) != _MAGIC:
-            raise ValueError(f"{path} is not a GGUF file")
-        version = _read(stream, "<I")
-        if version < 2:
-            raise ValueError(f"GGUF version {version} is not supported")
-        tensor_count = _read(stream, "<Q")
-        kv_count = _read(stream, "<Q")
-        alignment = 32
-        for _ in range(kv_count):
-            key = _read_string(stream).decode()
-            value = _skip_value(stream, _read(stream, "<I"))
-            if key == _ALIGNMENT_KEY and value:
-                alignment = value
-        for _ in range(tensor_count):
-            _read_string(stream)
-            dims = _read(stream, "<I")
-            stream.seek(8 * dims + 4 + 8, 1)
-        end = stream.tell()
-    return (end + alignment - 1) // alignment * alignment
 
 
 def cut(model: Path, header: Path) -> None:
-    offset = data_offset(model)
+    # Run here, beside the appliance (``grow``, on the box, needs nothing of it): the header walk is
+    # setup's own (``appliance.model_derive``, standard library only).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from appliance.model_derive import read_layout
+
+    offset = read_layout(model).data_at
     total = model.stat().st_size
     with model.open("rb") as source:
         header.write_bytes(source.read(offset))
