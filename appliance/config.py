@@ -105,6 +105,9 @@ class CallSettings(_Section):
     smart_end_of_turn: bool = True
     # Start the reply at that pause, held back until the end of the turn is certain.
     speculative: bool = True
+    # After words that say more is coming (a trailing "and", half a number: a longer wait), start
+    # the held-back reply once the end of the turn is this close (0: only after final-looking words).
+    speculate_within_ms: int = Field(default=700, ge=0)
     # A reply's first clause may end where a phrase starts ("The ten of clubs | is ...") once it
     # has this many words, instead of waiting for punctuation; 0: punctuation only.
     first_phrase_words: int = 2

@@ -123,6 +123,10 @@ class SessionConfig:
     smart_end_of_turn: bool = True
     # Start the reply at the pause, held back until the end of the turn is certain.
     speculative: bool = True
+    # Words that say more is coming (a trailing "and", half a number) make the end of the turn wait
+    # longer (``EndpointPolicy``): their reply starts, held back, once the end is this close, so that
+    # it is ready when the silence holds (0: only words that look final start one).
+    speculate_within_ms: int = 700
     # The first clause of a generated reply may end before a phrase-opening word once it has this
     # many words (see ``ClauseChunker``); 0: at punctuation only.
     first_phrase_words: int = 2
@@ -198,6 +202,7 @@ class CallSession:
         self._utterance_seq = 0  # counts utterances; the open one is ``_open_utterance``
         self._open_utterance: int | None = None
         self._spec: _Speculation | None = None
+        self._spec_timer: asyncio.Task[object] | None = None  # a speculation waiting for its moment
         self._rollback: asyncio.Task[None] | None = None  # restoring the brain after a dropped spec
         self.speculations = 0
         self.speculations_committed = 0
@@ -313,7 +318,7 @@ class CallSession:
         if self._reply is not None and self._reply.task is not None:
             self._reply.task.cancel()
         spec = self._spec.reply.task if self._spec is not None else None
-        for task in (self._listen, self._early[1] if self._early else None, spec):
+        for task in (self._listen, self._early[1] if self._early else None, spec, self._spec_timer):
             if task is not None:
                 task.cancel()
         if self._barge is not None and self._barge.checking is not None:
@@ -413,6 +418,7 @@ class CallSession:
             self._resume_after_noise()
         elif isinstance(event, TurnEnded):
             self._open_utterance = None
+            self._cancel_spec_timer()
             audio = self.utterance.take()
             barge = self._barge
             if barge is not None and not barge.confirmed and event.voiced_ms < cfg.barge_in_min_speech_ms:
@@ -437,7 +443,13 @@ class CallSession:
         if self._early is not None:
             self._early[1].cancel()
             self._early = None
+        self._cancel_spec_timer()
         self._drop_speculation()
+
+    def _cancel_spec_timer(self) -> None:
+        if self._spec_timer is not None:
+            self._spec_timer.cancel()
+            self._spec_timer = None
 
     async def _early_transcript(self, audio: FloatArray, utterance: int) -> str:
         """Transcribe at a pause; while the utterance is still open (the caller silent since),
@@ -448,9 +460,25 @@ class CallSession:
             return text  # the turn already ended (it uses this text) or was noise
         if self.config.smart_end_of_turn:
             self.detector.set_turn_silence(self.endpoint.silence_ms(text))
-        if self.config.speculative and self.endpoint.looks_final(text) and self._can_speculate():
-            self._speculate(text, started)
+        if not self.config.speculative:
+            return text
+        if self.endpoint.looks_final(text):
+            if self._can_speculate():
+                self._speculate(text, started)
+        elif self.config.smart_end_of_turn and self.config.speculate_within_ms > 0:
+            # The turn waits long for more words; if none come, the reply should be ready by then.
+            wait_ms = self.endpoint.silence_ms(text) - self.config.speculate_within_ms - self.detector.silence_ms
+            deadline = self.clock.now() + max(0.0, wait_ms) / 1000.0
+            self._cancel_spec_timer()
+            self._spec_timer = self._spawn(self._speculate_at(deadline, text, started, utterance), "spec-timer")
         return text
+
+    async def _speculate_at(self, deadline: float, text: str, started: float, utterance: int) -> None:
+        await self.clock.sleep_until(deadline)
+        if self._spec_timer is asyncio.current_task():
+            self._spec_timer = None
+        if self._open_utterance == utterance and self._can_speculate():
+            self._speculate(text, started)
 
     def _can_speculate(self) -> bool:
         return (

@@ -453,13 +453,68 @@ async def test_a_quick_pause_starts_the_reply_only_while_no_other_engine_work_ru
 
 async def test_a_half_read_number_is_not_cut_off_at_the_usual_silence() -> None:
     brain = SpeculativeBrain()
-    h = make_harness(brain=brain, asr_script=lambda s: "My order number is 5 5 1")
+    h = make_harness(brain=brain, asr_script=lambda s: "My order number is 5 5 1", speculate_within_ms=0)
     await h.start()
     await h.feed(tone(900))
     await h.silence(1000)  # longer than the default 600 ms: a plain detector would have answered
-    assert brain.turns == [] and h.session.speculations == 0
+    assert brain.turns == [] and h.session.speculations == 0 and h.sink.plays() == []
     await h.silence(1000)
     assert brain.turns == ["My order number is 5 5 1"]
+    await h.stop()
+
+
+async def test_a_long_wait_for_more_words_starts_the_reply_held_back_before_it_ends() -> None:
+    """A half-read number waits 1400 ms for the next digits; the reply starts (unheard) once the end
+    is 700 ms away, and is heard the moment the silence holds."""
+    brain = SpeculativeBrain()
+    h = make_harness(brain=brain, asr_script=lambda s: "My order number is 5 5 1")
+    await h.start()
+    await h.feed(tone(900))
+    voiced_end = h.clock.now()
+    await h.silence(600)
+    assert h.session.speculations == 0 and brain.turns == []  # the end is still 800 ms away
+    await h.silence(250)
+    assert h.session.speculations == 1 and brain.turns == ["My order number is 5 5 1"]
+    assert h.sink.plays() == []  # held back: the caller may read on
+    await h.silence(1500)
+    assert h.session.speculations_committed == 1 and h.session.speculations_dropped == 0
+    first_play = h.sink.plays()[0].at
+    assert 1.35 <= first_play - voiced_end <= 1.5  # at the end of the turn, not a reply's time later
+    assert brain.history == ["user: My order number is 5 5 1", "agent: You said My order number is 5 5 1."]
+    await h.stop()
+
+
+async def test_reading_on_before_the_held_reply_starts_leaves_nothing_behind() -> None:
+    texts = iter(["My order number is 5 5 1", "My order number is 5 5 1 2 3 4."])
+    brain = SpeculativeBrain()
+    h = make_harness(brain=brain, asr_script=lambda s: next(texts))
+    await h.start()
+    await h.feed(tone(900))
+    await h.silence(500)  # transcribed; its held reply would start at ~700 ms of silence
+    await h.feed(tone(600))  # the next digit group comes first
+    await h.silence(2000)
+    assert h.session.speculations == 1 and h.session.speculations_dropped == 0  # only the last words
+    assert brain.turns == ["My order number is 5 5 1 2 3 4."]
+    assert brain.restores == 0
+    assert [t.text for t in h.recorder.turns if t.role == "caller"] == ["My order number is 5 5 1 2 3 4."]
+    await h.stop()
+
+
+async def test_reading_on_after_the_held_reply_started_drops_it_unheard() -> None:
+    texts = iter(["My order number is 5 5 1", "My order number is 5 5 1 2 3 4."])
+    brain = SpeculativeBrain()
+    h = make_harness(brain=brain, asr_script=lambda s: next(texts))
+    await h.start()
+    await h.feed(tone(900))
+    await h.silence(1000)  # the held reply has started
+    assert h.session.speculations == 1 and h.sink.plays() == []
+    await h.feed(tone(600))
+    resumed_end = h.clock.now()
+    await h.silence(2000)
+    assert h.session.speculations_dropped == 1 and brain.restores == 1
+    whole = "My order number is 5 5 1 2 3 4."
+    assert brain.history == [f"user: {whole}", f"agent: You said {whole}."]
+    assert all(p.at > resumed_end for p in h.sink.plays())
     await h.stop()
 
 
