@@ -43,7 +43,7 @@ class ModelsSettings(_Section):
 
 
 class ThreadSettings(_Section):
-    asr: int = 2
+    asr: int = 1  # per transcription; ``[asr] workers`` of them may run at once
     llm: int = 2
     # Prompt evaluation (prefill); 0: same as ``llm``.
     llm_batch: int = 0
@@ -73,6 +73,9 @@ class LlmSettings(_Section):
 class AsrSettings(_Section):
     # Encoder window for short turns, seconds; 0 decodes every turn in Whisper's full 30 s window.
     window_s: float = 8.0
+    # Transcriptions that may run at once (each on its own ``[threads] asr`` threads): two callers who
+    # stop talking together are transcribed side by side, not one after the other.
+    workers: int = Field(default=2, ge=1)
 
 
 class TtsSettings(_Section):

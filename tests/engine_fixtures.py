@@ -46,7 +46,7 @@ def load_asr() -> WhisperAsr:
     path = engine_manifest().path(s.models.asr, "asr")
     return WhisperAsr(
         s.models.asr, path, threads=s.threads.asr, device=s.gpu.asr_device,
-        compute_type=s.gpu.asr_compute_type,
+        compute_type=s.gpu.asr_compute_type, workers=s.asr.workers,
     )  # fmt: skip
 
 

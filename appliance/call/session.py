@@ -467,10 +467,11 @@ class CallSession:
                 self._speculate(text, started)
         elif self.config.smart_end_of_turn and self.config.speculate_within_ms > 0:
             # The turn waits long for more words; if none come, the reply should be ready by then.
-            wait_ms = self.endpoint.silence_ms(text) - self.config.speculate_within_ms - self.detector.silence_ms
-            deadline = self.clock.now() + max(0.0, wait_ms) / 1000.0
+            lead_ms = self.config.speculate_within_ms + self.detector.silence_ms
+            deadline = self.clock.now() + max(0.0, self.endpoint.silence_ms(text) - lead_ms) / 1000.0
             self._cancel_spec_timer()
-            self._spec_timer = self._spawn(self._speculate_at(deadline, text, started, utterance), "spec-timer")
+            timer = self._speculate_at(deadline, text, started, utterance)
+            self._spec_timer = self._spawn(timer, "spec-timer")
         return text
 
     async def _speculate_at(self, deadline: float, text: str, started: float, utterance: int) -> None:

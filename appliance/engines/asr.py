@@ -143,6 +143,7 @@ class WhisperAsr:
         self.model_dir = Path(model_dir)
         self.default_language = default_language
         self.options = options
+        self.workers = workers
         for name in REQUIRED_FILES:
             if not (self.model_dir / name).is_file():
                 raise AsrLoadError(f"ASR model {model_id}: missing file {self.model_dir / name}")

@@ -54,7 +54,7 @@ class EngineRegistry:
             window = s.asr.window_s if s.asr.window_s > 0 else None
             return WhisperAsr(
                 model_id, path, threads=s.threads.asr, device=s.gpu.asr_device,
-                compute_type=s.gpu.asr_compute_type,
+                compute_type=s.gpu.asr_compute_type, workers=s.asr.workers,
                 options=dataclasses.replace(DECODE_OPTIONS, window_s=window),
             )  # fmt: skip
         if role == "llm":

@@ -111,6 +111,32 @@ async def test_concurrent_calls_share_one_model(asr_engine: WhisperAsr) -> None:
         assert wer(rec.text, transcript.text) <= 0.5, (rec.name, transcript.text)
 
 
+async def test_callers_who_stop_together_are_transcribed_side_by_side(
+    asr_engine: WhisperAsr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The configured ``[asr] workers`` (2) decode at once, each on its own thread(s), instead of
+    the second caller's words waiting for the first's."""
+    import time
+
+    assert asr_engine.workers >= 2
+    spans: list[tuple[float, float]] = []
+    decode = asr_engine._decode
+
+    def timed(pcm16k: np.ndarray, language: str | None) -> object:
+        started = time.perf_counter()
+        try:
+            return decode(pcm16k, language)
+        finally:
+            spans.append((started, time.perf_counter()))
+
+    monkeypatch.setattr(asr_engine, "_decode", timed)
+    recs = load_recordings("librivox")[:2]
+    transcripts = await asyncio.gather(*(asr_engine.transcribe(telephone_16k(r.pcm)) for r in recs))
+    assert all(t.text for t in transcripts)
+    (a_start, a_end), (b_start, b_end) = sorted(spans)
+    assert b_start < a_end  # the second began before the first had finished
+
+
 async def test_rejects_wrong_sample_format(asr_engine: WhisperAsr) -> None:
     with pytest.raises(TypeError, match="float32"):
         await asr_engine.transcribe(np.zeros(16000, dtype=np.int16))

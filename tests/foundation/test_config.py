@@ -19,12 +19,12 @@ def test_env_overrides_top_level_and_section_keys(tmp_path: Path) -> None:
             "APPLIANCE_PORT": "9123",
             "APPLIANCE_HOST": "0.0.0.0",
             "APPLIANCE_MODELS_LLM": "smollm2-135m",
-            "APPLIANCE_THREADS_ASR": "1",
+            "APPLIANCE_THREADS_ASR": "3",
             "APPLIANCE_DATA_DIR": str(tmp_path),
         }
     )
     assert (s.port, s.host) == (9123, "0.0.0.0")
-    assert s.models.llm == "smollm2-135m" and s.threads.asr == 1
+    assert s.models.llm == "smollm2-135m" and s.threads.asr == 3
     assert s.data_dir == tmp_path
 
 
