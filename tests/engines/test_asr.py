@@ -1,7 +1,7 @@
 """Whisper (tiny.en) on real recorded human speech, as a caller's audio really arrives: 16 kHz
 recordings -> 8 kHz µ-law -> back to 16 kHz float32.
 
-WER bounds, measured on this corpus (10 utterances, 92 words; greedy decoding, int8, 2 threads):
+WER bounds, measured on this corpus (10 utterances, 92 words; greedy decoding, int8, 2 threads then, 1 now):
 clean telephone 0.065, white noise at 10 dB SNR 0.30, the five LibriVox sentences (71 words) with
 another one 15 dB down as a background talker 0.17. Each bound leaves ~1.5-2x headroom: int8 kernels
 differ between CPUs and one flipped word moves WER by ~0.011-0.014 here, while a real regression (wrong
