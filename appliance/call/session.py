@@ -458,8 +458,9 @@ class CallSession:
         text = await self._transcribe_safely(audio)
         if self._open_utterance != utterance or not text:
             return text  # the turn already ended (it uses this text) or was noise
+        wait_ms = self.endpoint.silence_ms(text)
         if self.config.smart_end_of_turn:
-            self.detector.set_turn_silence(self.endpoint.silence_ms(text))
+            self.detector.set_turn_silence(wait_ms)
         if not self.config.speculative:
             return text
         if self.endpoint.looks_final(text):
@@ -468,7 +469,7 @@ class CallSession:
         elif self.config.smart_end_of_turn and self.config.speculate_within_ms > 0:
             # The turn waits long for more words; if none come, the reply should be ready by then.
             lead_ms = self.config.speculate_within_ms + self.detector.silence_ms
-            deadline = self.clock.now() + max(0.0, self.endpoint.silence_ms(text) - lead_ms) / 1000.0
+            deadline = self.clock.now() + max(0.0, wait_ms - lead_ms) / 1000.0
             self._cancel_spec_timer()
             timer = self._speculate_at(deadline, text, started, utterance)
             self._spec_timer = self._spawn(timer, "spec-timer")
