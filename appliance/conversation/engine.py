@@ -22,6 +22,7 @@ from ..engines.types import ChoiceDiffers, LlmEngine
 from .dispatch import Dispatcher
 from .prompt import HistoryItem, build_prompt, clock, few_shot, system_message, turn_groups
 from .repeats import RepeatGuard
+from .results import mentions_result, read_result, result_words
 from .tools import (
     BUILTINS,
     FIRST_KEY_GRAMMAR,
@@ -29,6 +30,7 @@ from .tools import (
     SAY_OPENING,
     Answer,
     StreamingAnswer,
+    asked_for_in,
     function_choice_schema,
     given_in,
     humanize,
@@ -94,6 +96,10 @@ class TurnTrace:
     retrieved: list[str] = field(default_factory=list)
     ungrounded: list[str] = field(default_factory=list)
     recovered_refusal: bool = False
+    # The model refused after a function had answered; the caller heard the result read plainly.
+    read_result: bool = False
+    # A further call after a result that the caller's message did not ask for; not made.
+    unasked_calls: list[str] = field(default_factory=list)
 
 
 class Conversation:
@@ -214,6 +220,10 @@ class Conversation:
         pending, self._pending = self._pending, []
         forced = await self._complete_pending(pending, user_text, knowledge) if pending else None
         speech_only = False
+        # After a function answered, the reply must speak of its result: small models sometimes
+        # refuse at that point, or make a further call nobody asked for (a transfer).
+        result_seen = False
+        last_result: Any = None
         for step in range(self.max_calls_per_turn + 1):
             # A function already called this turn is not offered again: small models otherwise
             # repeat the same call instead of speaking its result.
@@ -231,20 +241,28 @@ class Conversation:
                 # orders"). The first words of the first reply are held back until they are
                 # clearly not such a refusal (most replies: at their first word); a refusal gets
                 # one chance to become a grounded call.
-                holding = step == 0 and bool(_evidenced(allowed))
+                # After a result, a refusal's opening is held until the reply names something
+                # the result says ("Sorry, order 12345 is delayed" is an answer, not a refusal).
+                holding = (step == 0 and bool(_evidenced(allowed))) or result_seen
+                said_of_result = result_words(last_result) if result_seen else frozenset()
                 held = ""
                 # aclosing: when our consumer stops, the generation below must stop with it at once.
                 async with contextlib.aclosing(self._generate(allowed, knowledge, generation)) as deltas:
                     async for delta in deltas:
                         if holding:
                             held += delta
-                            if may_become_refusal(held):
+                            if may_become_refusal(held) and not mentions_result(held, said_of_result):
                                 continue
                             holding, delta, held = False, held, ""
                         yield TextDelta(delta)
                 assert generation.answer is not None
                 answer = generation.answer
-                if held and looks_like_refusal(held):
+                if held and looks_like_refusal(held) and result_seen and answer.say is not None:
+                    log.warning("reply refused after a function result: %r; reading the result", held[:120])
+                    trace.read_result = True
+                    held = read_result(last_result, say_max_chars(self.agent.max_tokens))
+                    answer = Answer(say=held)
+                elif held and looks_like_refusal(held):
                     recovered = await self._complete_pending(_evidenced(allowed), user_text, knowledge)
                     if recovered is not None:
                         trace.recovered_refusal = True
@@ -266,6 +284,12 @@ class Conversation:
             problems = (
                 validate_arguments(spec, arguments) if spec else [f"unknown function {answer.function}"]
             )
+            if result_seen and spec is not None and not asked_for_in(spec, arguments, user_text):
+                # Speak the result instead; the caller can still ask for this next turn.
+                log.warning("unasked call of %s after a function result; speaking instead", spec.name)
+                trace.unasked_calls.append(spec.name)
+                speech_only = True
+                continue
             if answer.error or problems or spec is None:
                 log.warning("unusable model answer %r: %s", answer.raw[:200], answer.error or problems)
                 for event in self._say(NOT_UNDERSTOOD):
@@ -299,6 +323,7 @@ class Conversation:
                 result = await self.dispatcher.dispatch(spec, merged, self._handler_context())
                 result_item.ok = result.ok
                 result_item.result = result.result if result.ok else result.error
+                result_seen, last_result = result.ok, result.result
             finally:
                 self.history.append(result_item)
             yield FunctionCallFinished(spec.name, dict(arguments), result.result, result.ok, result.error)

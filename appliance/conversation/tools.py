@@ -366,6 +366,23 @@ def given_in(spec: FunctionSpec, arguments: dict[str, Any], text: str) -> bool:
     return checked
 
 
+# Words of a function's name that say nothing of what it is for.
+_NAME_FILLERS = frozenset("get set check lookup look find make call the for".split())
+
+
+def asked_for_in(spec: FunctionSpec, arguments: dict[str, Any], text: str) -> bool:
+    """True when ``text`` asks for this very call: it gives the call's details (``given_in``), or, for
+    a call with only options, names the chosen one ("sales") or a word of the function's name
+    ("transfer_to_human": "transfer", "human")."""
+    if any(not p.enum and p.name in arguments for p in spec.user_parameters):
+        return given_in(spec, arguments, text)
+    words = set(_WORD.findall(text.lower()))
+    words |= {w[:-1] for w in words if w.endswith("s")}
+    options = {str(arguments[p.name]).lower() for p in spec.user_parameters if p.enum and p.name in arguments}
+    named = {w for w in spec.name.lower().split("_") if len(w) >= 3 and w not in _NAME_FILLERS}
+    return bool(words & (options | named))
+
+
 _SPACED_DIGITS = re.compile(r"^\d+(?: \d+)+$")
 
 

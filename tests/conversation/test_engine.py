@@ -570,3 +570,50 @@ async def test_prewarm_runs_as_background_work_on_an_engine_that_schedules_it(
     await conversation.prewarm()
     assert len(llm.prompts) == 1 and llm.prompts[0].endswith("<user>")
     assert llm.background == [True]
+
+
+async def test_a_refusal_after_a_result_is_never_spoken_and_the_result_is_read(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    refusal = "I'm sorry, but I can't assist with that request."
+    llm = ScriptedLlm([_call("get_order_status", order_id="12345"), _say(refusal)])
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    events = await _run(conversation, "Where is my order 12345?")
+    spoken = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert "assist" not in spoken and "shipped, arriving Friday" in spoken
+    done = events[-1]
+    assert isinstance(done, TurnDone) and done.text == spoken
+    assert conversation.last_trace.read_result
+    assert conversation.history[-1].text == spoken  # the model is told what the caller heard
+
+
+async def test_an_apology_that_speaks_of_the_result_is_released_at_its_first_fact(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    reply = "Sorry, order 777 is still being packed."
+    llm = ScriptedLlm([_call("get_order_status", order_id="777"), _say(reply)], piece_size=1)
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    deltas = [e.text for e in await _run(conversation, "Where is order 777?") if isinstance(e, TextDelta)]
+    assert "".join(deltas) == reply and not conversation.last_trace.read_result
+    assert deltas[0] == "Sorry, order 777"  # held while it could be a refusal, not to its end
+    assert len(deltas) > 10
+
+
+async def test_a_further_call_the_caller_did_not_ask_for_is_not_made(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm(
+        [
+            _call("get_order_status", order_id="12345"),
+            _call("transfer_to_human", department="sales"),
+            _say("Your order 12345 has shipped and arrives Friday."),
+        ]
+    )
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    events = await _run(conversation, "Where is my order 12345?")
+    assert [e.name for e in events if isinstance(e, FunctionCallStarted)] == ["get_order_status"]
+    assert handler.bodies("/transfer") == []
+    assert llm.schemas[2] is not None and "oneOf" not in llm.schemas[2]  # speech only
+    assert events[-1] == TurnDone("Your order 12345 has shipped and arrives Friday.")
+    assert conversation.last_trace.unasked_calls == ["transfer_to_human"]
+    assert [item.kind for item in conversation.history] == ["user", "call", "result", "say"]

@@ -10,6 +10,7 @@ import pytest
 from appliance.conversation.tools import (
     ARGUMENT_MAX_CHARS,
     StreamingAnswer,
+    asked_for_in,
     looks_like_refusal,
     max_output_chars,
     may_become_refusal,
@@ -195,3 +196,27 @@ def test_refusals_are_recognised_whatever_the_case_and_apostrophe() -> None:
     assert looks_like_refusal(" I\u2019m sorry, I can't do that")
     assert looks_like_refusal("unfortunately not") and looks_like_refusal("I dont have that")
     assert not looks_like_refusal("I'd love to") and not looks_like_refusal("So, your order")
+
+
+TRANSFER = FunctionSpec(
+    "transfer_to_human",
+    user_parameters=(Parameter("department", "string", required=True, enum=("sales", "support")),),
+)
+
+
+@pytest.mark.parametrize(
+    ("spec", "arguments", "text", "asked"),
+    [
+        (TRANSFER, {"department": "sales"}, "Where is my order 12345?", False),
+        (TRANSFER, {"department": "support"}, "order 12345, then a human please", True),
+        (TRANSFER, {"department": "sales"}, "Check 12345 and put me through to sales.", True),
+        (TRANSFER, {"department": "sales"}, "Then transfer me, thanks", True),
+        (TRANSFER, {"department": "sales"}, "Are there humans there?", True),
+        (ORDER, {"order_id": "777"}, "Where is my order 12345?", False),
+        (ORDER, {"order_id": "777"}, "Check 12345 and 777 too", True),
+    ],
+)
+def test_a_further_call_is_asked_for_by_its_details_options_or_name(
+    spec: FunctionSpec, arguments: dict[str, str], text: str, asked: bool
+) -> None:
+    assert asked_for_in(spec, arguments, text) is asked
