@@ -328,6 +328,9 @@ class LlamaLlm:
         self._waiting: list[_Job] = []
         self._jobs: set[_Job] = set()
         self._running = 0
+        # Generations someone waits for, submitted / seen by the scheduler before its last ``_admit``.
+        self._replies_submitted = 0
+        self._replies_seen = 0
         self._closed = False
         self.preempted = 0  # background generations stopped to free a slot for an urgent one
         self._warm_up()
@@ -474,7 +477,11 @@ class LlamaLlm:
         with self._wake:
             self._jobs.add(job)
             self._waiting.append(job)
+            if not background:
+                self._replies_submitted += 1
             self._wake.notify()
+        if not background:
+            CPU.nudge()  # the scheduler may be yielding to other engines: a caller waits for this
         try:
             while True:
                 item = await job.queue.get()
@@ -542,6 +549,7 @@ class LlamaLlm:
         while True:
             with self._wake:
                 self._retire_stopped()
+                self._replies_seen = self._replies_submitted
                 self._admit()
                 running = [s.job for s in self._slots if s.job is not None]
                 ready = [j for j in running if j.pending and j.sent - j.taken < QUEUE_SIZE]
@@ -666,8 +674,12 @@ class LlamaLlm:
         CPU.mark_foreground(self, bool(urgent))
         if not urgent or (CPU.urgent_now and all(j.sent for j in urgent)):
             # Urgent work elsewhere (a transcription, a first clause's synthesis) is shorter than
-            # what is left of a first clause already under way: let it have the cores first.
-            CPU.yield_to_urgent(URGENT_MAX_WAIT_S)
+            # what is left of a first clause already under way: let it have the cores first. Not
+            # before a new reply, though: its caller waits in silence too, and it is only admitted
+            # between steps.
+            CPU.yield_to_urgent(URGENT_MAX_WAIT_S, until=self._new_reply)
+            if self._new_reply():
+                return
         now = time.monotonic()
         if urgent:
             # A prompt chunk makes the step long and a few more rows cost little beside it: every
@@ -724,6 +736,10 @@ class LlamaLlm:
         for job, _, row in plan:
             if row is not None and job.slot is not None and job.slot.job is job:  # unless a check retired it
                 self._guarded(job, self._sample, row)
+
+    def _new_reply(self) -> bool:
+        """A generation someone waits for arrived since the scheduler last admitted waiting ones."""
+        return self._replies_submitted != self._replies_seen
 
     def _catch_up(self, job: _Job) -> None:
         """Copy into a generation still reading its prompt the cells another slot has evaluated of

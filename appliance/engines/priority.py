@@ -23,7 +23,7 @@ event loop does not count as work here.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -85,15 +85,25 @@ class CpuPriority:
                 if self._urgent == 0:
                     self._idle.notify_all()
 
-    def yield_to_urgent(self, max_wait_s: float) -> None:
+    def yield_to_urgent(self, max_wait_s: float, until: Callable[[], bool] | None = None) -> None:
         """Background work calls this at a safe point: it returns once no urgent work is running,
-        or after ``max_wait_s`` (urgent work must never starve the rest for long)."""
+        after ``max_wait_s`` (urgent work must never starve the rest for long), or once ``until()``
+        is true (checked when ``nudge`` is called: urgent work of the caller's own arrived)."""
         if self._urgent == 0:  # unlocked read: the common case costs nothing
             return
+
+        def done() -> bool:
+            return self._urgent == 0 or (until is not None and until())
+
         with self._idle:
-            if self._urgent:
+            if not done():
                 self.yielded += 1
-                self._idle.wait_for(lambda: self._urgent == 0, timeout=max_wait_s)
+                self._idle.wait_for(done, timeout=max_wait_s)
+
+    def nudge(self) -> None:
+        """Wake whoever waits in ``yield_to_urgent`` to check its ``until`` again."""
+        with self._idle:
+            self._idle.notify_all()
 
 
 # One per process: the cores are shared by every engine and every call.

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from appliance.engines.llm import (
     BACKGROUND_MAX_WAIT_S,
     QUEUE_SIZE,
     STRICT_STRING_CHAR,
+    URGENT_MAX_WAIT_S,
     URGENT_PROMPT_CHUNK,
     URGENT_TOKENS,
     LlamaLlm,
@@ -664,6 +666,46 @@ async def test_an_urgent_generation_takes_a_prewarms_slot_instead_of_waiting(
     assert runs[0].cached + 100 < runs[0].prompt  # it was stopped well before the end of its prompt
     assert runs[1].queued_ms < 500  # one background step at most, not the whole prompt
     assert one_slot.preempted == preempted + 1
+
+
+async def test_a_new_reply_is_not_kept_waiting_while_background_work_yields_to_other_engines(
+    smol: LlamaLlm, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before a step of background work the scheduler waits while another engine's urgent work runs
+    (a transcription). A reply submitted meanwhile goes in at once, not when that wait ends."""
+    caplog.set_level(logging.INFO, logger=llm_module.log.name)
+    release, holding = threading.Event(), threading.Event()
+
+    def other_engine() -> None:
+        with CPU.urgent():  # work that outlasts the scheduler's longest wait
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other_engine)
+    thread.start()
+    background: asyncio.Task[str] | None = None
+    try:
+        assert holding.wait(5)
+        yielded = CPU.yielded
+        prompt = smol.format_chat(COUNTING)
+        background = asyncio.create_task(_collect(smol, prompt, max_tokens=200, background=True))
+        for _ in range(400):
+            if CPU.yielded > yielded:
+                break
+            await asyncio.sleep(0.005)
+        else:
+            raise AssertionError("background work never yielded")
+        await _collect(smol, prompt, max_tokens=2)
+    finally:
+        release.set()
+        thread.join(10)
+        if background is not None:
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
+    reply = [r for r in _logged_generations(caplog) if r.finish == "length"]
+    assert len(reply) == 1
+    assert reply[0].queued_ms < URGENT_MAX_WAIT_S * 1000 / 3, reply
 
 
 async def test_a_turn_takes_over_its_own_conversations_prewarm(

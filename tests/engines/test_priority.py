@@ -73,3 +73,34 @@ def test_work_that_fails_is_no_longer_counted() -> None:
         except RuntimeError:
             pass
     assert cpu.working_now == 0 and cpu.urgent_now == 0
+
+
+def test_the_wait_ends_when_its_condition_holds_and_someone_nudges() -> None:
+    cpu = CpuPriority()
+    arrived = threading.Event()
+    waited: list[float] = []
+
+    def background_step() -> None:
+        started = time.monotonic()
+        cpu.yield_to_urgent(max_wait_s=5.0, until=arrived.is_set)
+        waited.append(time.monotonic() - started)
+
+    with cpu.urgent():
+        step = threading.Thread(target=background_step)
+        step.start()
+        time.sleep(0.1)
+        cpu.nudge()  # nothing arrived yet: it goes on waiting
+        time.sleep(0.1)
+        assert not waited
+        arrived.set()
+        cpu.nudge()
+        step.join(5)
+    assert waited and 0.15 <= waited[0] < 1.0
+    assert cpu.yielded == 1
+
+
+def test_no_wait_when_the_condition_already_holds() -> None:
+    cpu = CpuPriority()
+    with cpu.urgent():
+        cpu.yield_to_urgent(max_wait_s=5.0, until=lambda: True)
+    assert cpu.yielded == 0
