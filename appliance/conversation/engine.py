@@ -280,7 +280,7 @@ class Conversation:
                 yield TurnDone(text)
                 return
             spec = next((f for f in allowed if f.name == answer.function), None)
-            arguments = normalize_arguments(spec, answer.arguments or {}) if spec else {}
+            arguments = normalize_arguments(spec, answer.arguments or {}, user_text) if spec else {}
             problems = (
                 validate_arguments(spec, arguments) if spec else [f"unknown function {answer.function}"]
             )

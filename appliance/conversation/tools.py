@@ -386,16 +386,29 @@ def asked_for_in(spec: FunctionSpec, arguments: dict[str, Any], text: str) -> bo
 _SPACED_DIGITS = re.compile(r"^\d+(?: \d+)+$")
 
 
-def normalize_arguments(spec: FunctionSpec, arguments: dict[str, Any]) -> dict[str, Any]:
+# A number as the caller said it: digits, or groups of them apart ("1 1 2 2 3", "555-0100").
+_DIGIT_RUN = re.compile(r"\d+(?:[ -]\d+)*")
+
+
+def normalize_arguments(spec: FunctionSpec, arguments: dict[str, Any], said: str = "") -> dict[str, Any]:
     """Identifiers spoken digit by digit come out of speech recognition (and small models) as
-    "1 1 2 2 3"; a handler expects "11223"."""
+    "1 1 2 2 3"; a handler expects "11223". A small model given such digits sometimes writes only
+    the first of them ("1"): a value that is a part of exactly one longer number in ``said`` (the
+    caller's message) and matches none whole is that number."""
     out = dict(arguments)
+    runs = {re.sub(r"[ -]", "", m.group(0)) for m in _DIGIT_RUN.finditer(said)}
     for param in spec.user_parameters:
         value = out.get(param.name)
         if param.type == "string" and not param.enum and isinstance(value, str):
             stripped = value.strip()
             if _SPACED_DIGITS.match(stripped):
-                out[param.name] = stripped.replace(" ", "")
+                stripped = stripped.replace(" ", "")
+            if stripped.isdigit() and stripped not in runs:
+                longer = [r for r in runs if len(r) >= 3 and stripped in r]
+                if len(longer) == 1:
+                    stripped = longer[0]
+            if stripped != value.strip():
+                out[param.name] = stripped
     return out
 
 

@@ -313,6 +313,23 @@ async def test_detail_given_after_an_ask_completes_the_pending_call(
     assert events[-1] == TurnDone("Order 55123 has shipped.")
 
 
+async def test_a_follow_up_number_the_model_cut_short_is_sent_whole(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ScriptedLlm(
+        [
+            _say("Sure. What is your order id?"),
+            _call("get_order_status", order_id="1"),  # the first of the digits the caller read
+            _say("Order 11223 is not found."),
+        ]
+    )
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    await _run(conversation, "Can you check an order for me?")
+    events = await _run(conversation, "Sure, 1 1 2 2 3.")
+    assert FunctionCallStarted("get_order_status", {"order_id": "11223"}) in events
+    assert handler.bodies("/order")[0]["arguments"]["order_id"] == "11223"
+
+
 async def test_pending_call_is_dropped_when_the_follow_up_lacks_the_detail(
     dispatcher: HttpDispatcher, handler: HandlerServer
 ) -> None:

@@ -171,6 +171,24 @@ def test_spaced_digits_are_joined() -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "said", "expected"),
+    [
+        ("1", "Sure, 1 1 2 2 3.", "11223"),  # the model wrote only the first digit
+        ("1 1 2", "It's 1 1 2 2 3", "11223"),
+        ("555", "my number is 555-0100", "5550100"),
+        ("2", "2 tickets for order 12345", "2"),  # a whole number the caller said
+        ("1", "orders 12345 and 7771", "1"),  # part of two longer numbers: not guessed
+        ("12345", "Where is 12345?", "12345"),
+        ("99", "", "99"),
+    ],
+)
+def test_a_value_cut_short_of_the_one_number_the_caller_said_is_that_number(
+    value: str, said: str, expected: str
+) -> None:
+    assert normalize_arguments(ORDER, {"order_id": value}, said) == {"order_id": expected}
+
+
+@pytest.mark.parametrize(
     ("opening", "maybe"),
     [
         ("", True),
