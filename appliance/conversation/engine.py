@@ -284,7 +284,7 @@ class Conversation:
             problems = (
                 validate_arguments(spec, arguments) if spec else [f"unknown function {answer.function}"]
             )
-            if result_seen and spec is not None and not asked_for_in(spec, arguments, user_text):
+            if result_seen and spec is not None and not asked_for_in(spec, arguments, user_text, called):
                 # Speak the result instead; the caller can still ask for this next turn.
                 log.warning("unasked call of %s after a function result; speaking instead", spec.name)
                 trace.unasked_calls.append(spec.name)

@@ -370,17 +370,26 @@ def given_in(spec: FunctionSpec, arguments: dict[str, Any], text: str) -> bool:
 _NAME_FILLERS = frozenset("get set check lookup look find make call the for".split())
 
 
-def asked_for_in(spec: FunctionSpec, arguments: dict[str, Any], text: str) -> bool:
-    """True when ``text`` asks for this very call: it gives the call's details (``given_in``), or, for
-    a call with only options, names the chosen one ("sales") or a word of the function's name
-    ("transfer_to_human": "transfer", "human")."""
-    if any(not p.enum and p.name in arguments for p in spec.user_parameters):
-        return given_in(spec, arguments, text)
+def asked_for_in(
+    spec: FunctionSpec, arguments: dict[str, Any], text: str, called: Iterable[str] = ()
+) -> bool:
+    """True when ``text`` asks for this very call after the ``called`` functions have answered: it
+    names the option chosen ("sales") or a word of the function's name that the called ones' names
+    lack ("cancel" for ``cancel_order`` after ``get_order_status``), and gives the call's details
+    (``given_in``; a built-in's come from the agent's instructions)."""
     words = set(_WORD.findall(text.lower()))
     words |= {w[:-1] for w in words if w.endswith("s")}
     options = {str(arguments[p.name]).lower() for p in spec.user_parameters if p.enum and p.name in arguments}
-    named = {w for w in spec.name.lower().split("_") if len(w) >= 3 and w not in _NAME_FILLERS}
-    return bool(words & (options | named))
+    named = _name_words(spec.name).difference(*(_name_words(name) for name in called))
+    if not words & (options | named):
+        return False
+    if spec.builtin or not any(not p.enum and p.name in arguments for p in spec.user_parameters):
+        return True
+    return given_in(spec, arguments, text)
+
+
+def _name_words(name: str) -> set[str]:
+    return {w for w in name.lower().split("_") if len(w) >= 3 and w not in _NAME_FILLERS}
 
 
 _SPACED_DIGITS = re.compile(r"^\d+(?: \d+)+$")
@@ -388,6 +397,18 @@ _SPACED_DIGITS = re.compile(r"^\d+(?: \d+)+$")
 
 # A number as the caller said it: digits, or groups of them apart ("1 1 2 2 3", "555-0100").
 _DIGIT_RUN = re.compile(r"\d+(?:[ -]\d+)*")
+_GROUP_MAX_DIGITS = 4  # longer groups side by side are numbers of their own ("12345 777")
+
+
+def _numbers_said(text: str) -> set[str]:
+    numbers = set()
+    for match in _DIGIT_RUN.finditer(text):
+        groups = re.split(r"[ -]", match.group(0))
+        if any(len(g) > _GROUP_MAX_DIGITS for g in groups):
+            numbers.update(groups)
+        else:
+            numbers.add("".join(groups))
+    return numbers
 
 
 def normalize_arguments(spec: FunctionSpec, arguments: dict[str, Any], said: str = "") -> dict[str, Any]:
@@ -396,7 +417,7 @@ def normalize_arguments(spec: FunctionSpec, arguments: dict[str, Any], said: str
     the first of them ("1"): a value that is a part of exactly one longer number in ``said`` (the
     caller's message) and matches none whole is that number."""
     out = dict(arguments)
-    runs = {re.sub(r"[ -]", "", m.group(0)) for m in _DIGIT_RUN.finditer(said)}
+    runs = _numbers_said(said)
     for param in spec.user_parameters:
         value = out.get(param.name)
         if param.type == "string" and not param.enum and isinstance(value, str):

@@ -179,6 +179,8 @@ def test_spaced_digits_are_joined() -> None:
         ("2", "2 tickets for order 12345", "2"),  # a whole number the caller said
         ("1", "orders 12345 and 7771", "1"),  # part of two longer numbers: not guessed
         ("12345", "Where is 12345?", "12345"),
+        ("12345", "orders 12345 777", "12345"),  # two numbers, not one read in groups
+        ("7", "orders 12345 777", "777"),
         ("99", "", "99"),
     ],
 )
@@ -220,6 +222,10 @@ TRANSFER = FunctionSpec(
     "transfer_to_human",
     user_parameters=(Parameter("department", "string", required=True, enum=("sales", "support")),),
 )
+CANCEL = FunctionSpec("cancel_order", user_parameters=(Parameter("order_id", "string", required=True),))
+TRANSFER_CALL = FunctionSpec(
+    "transfer_call", user_parameters=(Parameter("number", "string", required=True),), builtin=True
+)
 
 
 @pytest.mark.parametrize(
@@ -230,11 +236,15 @@ TRANSFER = FunctionSpec(
         (TRANSFER, {"department": "sales"}, "Check 12345 and put me through to sales.", True),
         (TRANSFER, {"department": "sales"}, "Then transfer me, thanks", True),
         (TRANSFER, {"department": "sales"}, "Are there humans there?", True),
-        (ORDER, {"order_id": "777"}, "Where is my order 12345?", False),
-        (ORDER, {"order_id": "777"}, "Check 12345 and 777 too", True),
+        # The same order id, but only the lookup was asked for: "order" is in both names.
+        (CANCEL, {"order_id": "12345"}, "Where is my order 12345?", False),
+        (CANCEL, {"order_id": "12345"}, "Where is order 12345? If it has not shipped, cancel it.", True),
+        (CANCEL, {"order_id": "777"}, "Where is order 12345? Cancel it.", False),  # not its details
+        (TRANSFER_CALL, {"number": "+14155550123"}, "Check 12345, then transfer me to billing", True),
+        (TRANSFER_CALL, {"number": "+14155550123"}, "Check 12345 please", False),
     ],
 )
-def test_a_further_call_is_asked_for_by_its_details_options_or_name(
+def test_a_further_call_is_asked_for_by_its_own_name_or_option_and_its_details(
     spec: FunctionSpec, arguments: dict[str, str], text: str, asked: bool
 ) -> None:
-    assert asked_for_in(spec, arguments, text) is asked
+    assert asked_for_in(spec, arguments, text, called=["get_order_status"]) is asked
