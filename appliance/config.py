@@ -73,6 +73,8 @@ class LlmSettings(_Section):
 class AsrSettings(_Section):
     # Encoder window for short turns, seconds; 0 decodes every turn in Whisper's full 30 s window.
     window_s: float = 8.0
+    # A longer window for a turn whose short-window decode looped, before the full 30 s (0: none).
+    retry_window_s: float = 16.0
     # Transcriptions that may run at once (each on its own ``[threads] asr`` threads): two callers who
     # stop talking together are transcribed side by side, not one after the other.
     workers: int = Field(default=2, ge=1)

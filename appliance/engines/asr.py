@@ -17,8 +17,11 @@ than the audio (2-3 s) fell into repetition loops ("10 of clubs 10 of clubs 10")
 one noisy digit string looped ("5 5 5 5 5 5 5 5 5"): Whisper was trained on 30 s windows and
 predicts the end of speech less surely in a short one. So every short-window result passes a
 repetition guard (:func:`looks_runaway`: too many words per second of audio, a repeated phrase, a
-hit on the token limit) and a suspicious one is decoded again the standard way.
-``window_s=None`` turns it off.
+hit on the token limit) and a suspicious one is decoded again: first in a ``retry_window_s`` window
+(16 s), then, if that loops too, the standard way. On "five five" through 8 kHz µ-law at 10-30 dB
+SNR (13 noisy versions), the 8 s window looped in 9 and the 12 s window in 8, the 16 s window in none
+(all "5 5"); a 16 s decode costs ~0.25 s here against ~0.7 s for 30 s, so a loop now costs the
+caller ~0.45 s instead of ~0.9 s. ``window_s=None`` turns the short window off.
 """
 
 from __future__ import annotations
@@ -62,11 +65,14 @@ class DecodeOptions:
     max_new_tokens: int | None = 192
     # Encoder window for short turns, in seconds (None: always the standard 30 s). See the module doc.
     window_s: float | None = 8.0
+    # A longer window for a short-window decode that looped, before the standard 30 s (None: none).
+    retry_window_s: float | None = 16.0
 
     def kwargs(self) -> dict[str, Any]:
         """The options ``WhisperModel.transcribe`` takes."""
         out = asdict(self)
         out.pop("window_s")
+        out.pop("retry_window_s")
         return out
 
 
@@ -174,7 +180,8 @@ class WhisperAsr:
         self._prompt_len = len(self._prompt)
         self._eot = self._tokenizer.eot
         self._max_length = 448  # Whisper's decoder context
-        self.fallbacks = 0  # short-window decodes redone the standard way (see looks_runaway)
+        self.window_retries = 0  # short-window decodes redone in the longer retry window
+        self.fallbacks = 0  # decodes redone the standard way after every short window looped
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"asr-{model_id}")
@@ -190,12 +197,16 @@ class WhisperAsr:
     def _decode(self, pcm16k: FloatArray, language: str | None) -> Transcript:
         started = time.perf_counter()
         seconds = len(pcm16k) / SAMPLE_RATE
-        if self.options.window_s is not None and seconds <= 28.0:
-            result = self._decode_window(pcm16k, seconds)
+        windows = self._windows(seconds)
+        for attempt, window in enumerate(windows, start=1):
+            result = self._decode_window(pcm16k, seconds, window)
             if result is not None:
                 text, no_speech, logprob = result
                 return Transcript(text, seconds, time.perf_counter() - started, no_speech, logprob)
-            self.fallbacks += 1
+            if attempt < len(windows):
+                self.window_retries += 1
+            else:
+                self.fallbacks += 1
         segments, _info = self._model.transcribe(
             pcm16k, language=language or self.default_language, **self.options.kwargs()
         )
@@ -210,13 +221,27 @@ class WhisperAsr:
             avg_logprob=sum(s.avg_logprob for s in parts) / n,
         )
 
-    def _decode_window(self, pcm16k: FloatArray, seconds: float) -> tuple[str, float, float] | None:
+    def _windows(self, seconds: float) -> list[float]:
+        """The short encoder windows to try for ``seconds`` of audio, in order (the standard 30 s
+        decode comes after them all)."""
+        windows: list[float] = []
+        for window in (self.options.window_s, self.options.retry_window_s):
+            # At least a second of padding after the speech: Whisper needs to see that it ended.
+            if window is not None and seconds <= 28.0:
+                window = max(float(window), math.ceil(seconds + 1.0))
+                if window < 30.0 and (not windows or window > windows[-1]):
+                    windows.append(window)
+            if not windows:
+                break  # no short window at all: the retry alone is not one either
+        return windows
+
+    def _decode_window(
+        self, pcm16k: FloatArray, seconds: float, window: float
+    ) -> tuple[str, float, float] | None:
         """Greedy decode with a short encoder window; None when the result looks like a loop."""
         import ctranslate2
 
-        # At least a second of padding after the speech: Whisper needs to see that it ended.
-        window = max(float(self.options.window_s or 30.0), math.ceil(seconds + 1.0))
-        frames = int(min(window, 30.0) * 100)
+        frames = int(window * 100)
         features = self._model.feature_extractor(pcm16k, padding=160)[:, :frames]
         if features.shape[1] < frames:
             features = np.pad(features, ((0, 0), (0, frames - features.shape[1])))
@@ -237,9 +262,9 @@ class WhisperAsr:
             # (a second, 30 s decode costs ~0.5 s on a CPU while the caller waits).
             collapsed = collapse_loop(text, seconds)
             if collapsed is None:
-                log.info("asr: short-window decode looks like a loop (%r); decoding again", text[:80])
+                log.info("asr: %g s window decode looks like a loop (%r); decoding again", window, text[:80])
                 return None
-            log.info("asr: short-window decode looped (%r); kept %r", text[:80], collapsed)
+            log.info("asr: %g s window decode looped (%r); kept %r", window, text[:80], collapsed)
             text = collapsed
         # As faster-whisper computes them (length penalty 1).
         avg_logprob = result.scores[0] * max(1, len(ids)) / (len(ids) + 1)

@@ -52,10 +52,11 @@ class EngineRegistry:
             from .asr import DECODE_OPTIONS, WhisperAsr
 
             window = s.asr.window_s if s.asr.window_s > 0 else None
+            retry = s.asr.retry_window_s if s.asr.retry_window_s > 0 else None
             return WhisperAsr(
                 model_id, path, threads=s.threads.asr, device=s.gpu.asr_device,
                 compute_type=s.gpu.asr_compute_type, workers=s.asr.workers,
-                options=dataclasses.replace(DECODE_OPTIONS, window_s=window),
+                options=dataclasses.replace(DECODE_OPTIONS, window_s=window, retry_window_s=retry),
             )  # fmt: skip
         if role == "llm":
             from .llm import LlamaLlm
