@@ -113,6 +113,10 @@ class CallSettings(_Section):
     # After words that say more is coming (a trailing "and", half a number: a longer wait), start
     # the held-back reply once the end of the turn is this close (0: only after final-looking words).
     speculate_within_ms: int = Field(default=700, ge=0)
+    # While the caller goes on talking, transcribe what they said so far after each this much more
+    # speech (when no other caller waits on the cores) and read it into the LLM's prompt cache, so a
+    # long turn leaves only its last words to read when it ends (0: never).
+    read_ahead_ms: int = Field(default=2000, ge=0)
     # A reply's first clause may end where a phrase starts ("The ten of clubs | is ...") once it
     # has this many words, instead of waiting for punctuation; 0: punctuation only.
     first_phrase_words: int = 2

@@ -195,7 +195,7 @@ class CallManager:
             barge_in_min_speech_ms=cs.barge_in_min_speech_ms, playout_lead_ms=cs.playout_lead_ms,
             pause_ms=cs.pause_ms, quick_pause_ms=cs.quick_pause_ms,
             smart_end_of_turn=cs.smart_end_of_turn, speculative=cs.speculative,
-            speculate_within_ms=cs.speculate_within_ms,
+            speculate_within_ms=cs.speculate_within_ms, read_ahead_ms=cs.read_ahead_ms,
             first_phrase_words=cs.first_phrase_words,
             tts_speed=greeting.speed, language=stt.get("language") or "en",
         )  # fmt: skip

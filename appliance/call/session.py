@@ -11,6 +11,10 @@ gate (``Reply.gate``), so when the silence holds, the first clause is ready to p
 goes on talking, the speculative reply is cancelled and the brain's history restored. A speculative
 reply never dispatches a function or records anything before it is committed.
 
+Reading ahead: during a long utterance (no pause to transcribe at), what was said so far is
+transcribed every ``read_ahead_ms`` of speech while the cores are free, and the brain reads those
+words into the LLM's prompt cache; the turn then reads only its last words when it ends.
+
 Barge-in: caller speech while the agent is busy pauses the playout at once (a "candidate"). It is
 confirmed (brain and TTS cancelled, ``clearAudio`` sent, history cut to what was heard) when the
 speech carries real words or lasts long; a short noise or a backchannel resumes the reply.
@@ -67,6 +71,8 @@ log = logging.getLogger(__name__)
 HOLD_PROB = 0.3
 HOLD_S = 0.15
 INBOUND_MAX_FRAMES = 250  # 5 s of 20 ms frames: beyond that the session is hopelessly behind
+# Fewer words said so far are not worth reading ahead: the turn reads them in a few ms itself.
+READ_AHEAD_MIN_WORDS = 4
 # Words a caller says while listening; they never interrupt the agent.
 BACKCHANNELS = frozenset(
     "mm mmm hmm mhm mm-hm mm-hmm uh-huh uh huh um ah oh ok okay yeah yep yes right sure alright "
@@ -90,7 +96,8 @@ class Brain(Protocol):
 
     # Optional (looked up with getattr): ``snapshot() -> object`` and ``restore(state)``, which let a
     # speculative turn be undone (a brain without them is never asked to speculate); ``end()``, told
-    # when the call is over.
+    # when the call is over; ``async read_ahead(words)``, given the words of a turn still being
+    # spoken, to read into its prompt cache (a saving only: nothing is answered or recorded).
 
 
 class CallControl(Protocol):
@@ -127,6 +134,10 @@ class SessionConfig:
     # longer (``EndpointPolicy``): their reply starts, held back, once the end is this close, so that
     # it is ready when the silence holds (0: only words that look final start one).
     speculate_within_ms: int = 700
+    # While the caller goes on talking, transcribe what they said so far after each this much more
+    # speech and let the brain read those words into its prompt cache (``read_ahead``), so a long
+    # turn leaves only its last words to read when it ends (0: never).
+    read_ahead_ms: int = 2000
     # The first clause of a generated reply may end before a phrase-opening word once it has this
     # many words (see ``ClauseChunker``); 0: at punctuation only.
     first_phrase_words: int = 2
@@ -204,6 +215,9 @@ class CallSession:
         self._spec: _Speculation | None = None
         self._spec_timer: asyncio.Task[object] | None = None  # a speculation waiting for its moment
         self._rollback: asyncio.Task[None] | None = None  # restoring the brain after a dropped spec
+        self._read_ahead: asyncio.Task[object] | None = None  # words so far, into the brain's cache
+        self._read_ahead_voiced = 0.0  # voiced ms of the open utterance when it last started
+        self.read_aheads = 0
         self.speculations = 0
         self.speculations_committed = 0
         self.speculations_dropped = 0
@@ -318,7 +332,8 @@ class CallSession:
         if self._reply is not None and self._reply.task is not None:
             self._reply.task.cancel()
         spec = self._spec.reply.task if self._spec is not None else None
-        for task in (self._listen, self._early[1] if self._early else None, spec, self._spec_timer):
+        early = self._early[1] if self._early else None
+        for task in (self._listen, early, spec, self._spec_timer, self._read_ahead):
             if task is not None:
                 task.cancel()
         if self._barge is not None and self._barge.checking is not None:
@@ -389,12 +404,14 @@ class CallSession:
             self.utterance.start()
             self._utterance_seq += 1
             self._open_utterance = self._utterance_seq
+            self._read_ahead_voiced = 0.0
             self._drop_early()
             if self._busy() and self._barge is None and not self._closing:
                 self.playout.pause()
                 self._barge = _BargeIn(event.onset)
         elif isinstance(event, SpeechProgress):
             self._drop_early()
+            self._maybe_read_ahead(event.voiced_ms)
             barge = self._barge
             if barge is None or barge.confirmed:
                 return
@@ -481,6 +498,41 @@ class CallSession:
             self._spec_timer = None
         if self._open_utterance == utterance and self._can_speculate():
             self._speculate(text, started)
+
+    def _maybe_read_ahead(self, voiced_ms: float) -> None:
+        """A long turn's words are read by the LLM while the caller still speaks: every
+        ``read_ahead_ms`` of speech, once nobody else waits on the cores, what was said so far is
+        transcribed and the brain reads it into its prompt cache. When the turn ends only its last
+        words are left to read (a 6 s sentence is ~25 prompt tokens, ~0.3 s of reading on 2 cores
+        and far more beside other calls)."""
+        every = self.config.read_ahead_ms
+        if every <= 0 or voiced_ms - self._read_ahead_voiced < every or self._read_ahead is not None:
+            return
+        if CPU.latency_critical_now or not self._can_speculate():
+            return  # the cores are someone's now, or the agent is busy: the next window asks again
+        if not callable(getattr(self.brain, "read_ahead", None)):
+            return
+        self._read_ahead_voiced = voiced_ms
+        snapshot = self.utterance.snapshot()
+        self._read_ahead = self._spawn(self._read_words_ahead(snapshot, self._utterance_seq), "read-ahead")
+
+    async def _read_words_ahead(self, audio: FloatArray, utterance: int) -> None:
+        try:
+            text = await self._transcribe_safely(audio)
+            # The snapshot ends mid-speech: its last word may be cut off ("consid" for "consider").
+            words = text.split()[:-1]
+            still_open = self._open_utterance == utterance and self._can_speculate()
+            if len(words) < READ_AHEAD_MIN_WORDS or not still_open:
+                return
+            self.read_aheads += 1
+            await self.brain.read_ahead(" ".join(words))  # type: ignore[attr-defined]
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # only a saving is lost: the turn reads its words itself
+            log.warning("call %s: reading the words ahead failed", self.info.call_uuid, exc_info=True)
+        finally:
+            if self._read_ahead is asyncio.current_task():
+                self._read_ahead = None
 
     def _can_speculate(self) -> bool:
         return (
@@ -579,7 +631,11 @@ class CallSession:
         result = await self.asr.transcribe(audio, language=self.config.language)
         if result.no_speech_prob > 0.8 and result.avg_logprob < -1.0:
             return ""
-        return result.text.strip()
+        text = result.text.strip()
+        # Whisper starts a transcript of part of a sentence in lower case now and then ("unless to
+        # be", then "Unless to be rather ..." for the whole): one form keeps the words read ahead
+        # (``read_ahead``) a prefix of the turn's.
+        return text[:1].upper() + text[1:] if text[:1].islower() else text
 
     async def _transcribe_safely(self, audio: FloatArray) -> str:
         """For tasks of their own: a failed transcription is a turn not heard, not a dead call."""

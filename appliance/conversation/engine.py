@@ -151,16 +151,17 @@ class Conversation:
             self._prompt_clock = now
         return self._prompt_clock
 
-    async def prewarm(self) -> None:
+    async def prewarm(self, words: str = "") -> None:
         """Evaluate the prompt prefix ahead of the next turn (while the welcome or a reply plays):
         system message, history so far and the opening of the next user message, so the turn only
         pays for the caller's new words. On an engine that runs background work behind urgent work
         (``schedules_background``) it is submitted as background; on others it is skipped while the
-        engine has other work, where it would delay another call's turn."""
+        engine has other work, where it would delay another call's turn. ``words``: the first words
+        of the next user message, already known (see ``read_ahead``)."""
         if getattr(self.llm, "queue_depth", 0) and not getattr(self.llm, "schedules_background", False):
             return
         system = system_message(self.agent, self.context, self.functions, self._now())
-        probe = [*self.history, HistoryItem("user", text=_NEXT_USER)]
+        probe = [*self.history, HistoryItem("user", text=words.strip() + _NEXT_USER)]
         prompt = build_prompt(self.llm, system, probe, examples=self.examples, reserve_tokens=1)
         cut = prompt.text.rfind(_NEXT_USER)
         if cut <= 0:  # the template changed the text: nothing safe to cut at
@@ -171,6 +172,13 @@ class Conversation:
         async with contextlib.aclosing(stream) as pieces:  # type: ignore[type-var]
             async for _ in pieces:
                 break
+
+    async def read_ahead(self, words: str) -> None:
+        """Read the words of a user message still being spoken (a partial transcript) into the
+        prompt cache after the prefix ``prewarm`` reads: the turn then pays only for what differs
+        from them, its last words. Nothing is answered or added to the history."""
+        if words.strip():
+            await self.prewarm(words)
 
     # -- history edits from the call layer ---------------------------------------------------------
     def snapshot(self) -> object:

@@ -35,19 +35,19 @@ async def test_empty_welcome_waits_for_the_caller() -> None:
 
 
 async def test_a_caller_turn_is_transcribed_answered_and_timed() -> None:
-    h = make_harness(asr_script=lambda s: "what are your hours")
+    h = make_harness(asr_script=lambda s: "What are your hours")
     await h.start()
     await h.feed(tone(800))
     voiced_end = h.clock.now()
     await h.silence(2000)
-    assert h.brain.turns == ["what are your hours"]
-    assert h.tts.spoken == ["You said what are your hours."]
+    assert h.brain.turns == ["What are your hours"]
+    assert h.tts.spoken == ["You said What are your hours."]
     first_play = h.sink.plays()[0].at
     # The turn ends ~600 ms after the last voiced frame, and audio follows at once.
     assert 0.55 <= first_play - voiced_end <= 0.75
     await h.silence(1000)
     caller, agent = h.recorder.turns
-    assert caller.role == "caller" and caller.text == "what are your hours"
+    assert caller.role == "caller" and caller.text == "What are your hours"
     t = agent.timings
     assert set(t) >= {
         "end_of_turn_ms",
@@ -63,7 +63,7 @@ async def test_a_caller_turn_is_transcribed_answered_and_timed() -> None:
 
 async def test_utterances_are_answered_in_order_even_when_asr_is_slow() -> None:
     h = make_harness()
-    texts = iter(["first question", "second question"])
+    texts = iter(["First question", "Second question"])
     h.asr.script = lambda s: next(texts, "extra")
     h.asr.hold = asyncio.Event()
     await h.start()
@@ -77,9 +77,9 @@ async def test_utterances_are_answered_in_order_even_when_asr_is_slow() -> None:
     # Nothing is lost: the brain is asked both, in order (together, if the first reply was cut
     # before the brain saw it).
     asked = " ".join(h.brain.turns)
-    assert asked.index("first question") < asked.index("second question")
+    assert asked.index("First question") < asked.index("Second question")
     callers = [t.text for t in h.recorder.turns if t.role == "caller"]
-    assert callers == ["first question", "second question"]
+    assert callers == ["First question", "Second question"]
     await h.stop()
 
 
@@ -101,7 +101,7 @@ async def _agent_talking(h, answer: str = LONG_ANSWER) -> None:
 
 
 async def test_barge_in_pauses_fast_then_clears_and_keeps_only_heard_words() -> None:
-    h = make_harness(asr_script=lambda s: "wait, I have another question")
+    h = make_harness(asr_script=lambda s: "Wait, I have another question")
     await h.start()
     await _agent_talking(h)
     onset = h.clock.now()
@@ -121,7 +121,7 @@ async def test_barge_in_pauses_fast_then_clears_and_keeps_only_heard_words() -> 
     assert len(first.heard_text.split()) < len(LONG_ANSWER.split())
     assert h.brain.heard[0] == (first.heard_text, True)
     # The barge-in's words are the next turn.
-    assert h.brain.turns[-1] == "wait, I have another question"
+    assert h.brain.turns[-1] == "Wait, I have another question"
     assert h.session.barge_ins == 1
     await h.stop()
 
@@ -158,7 +158,7 @@ async def test_a_single_voiced_window_holds_the_agent_briefly_then_it_carries_on
 
 async def test_a_backchannel_resumes_the_answer() -> None:
     h = make_harness()
-    h.asr.script = lambda s: "hello" if len(h.asr.calls) == 1 else "Mm-hmm."
+    h.asr.script = lambda s: "Hello" if len(h.asr.calls) == 1 else "Mm-hmm."
     await h.start()
     h.brain.script = lambda text: [LONG_ANSWER]
     await h.feed(tone(1100))
@@ -166,14 +166,14 @@ async def test_a_backchannel_resumes_the_answer() -> None:
     await h.feed(tone(400))
     await h.silence(3000)
     assert "clear" not in h.sink.kinds()
-    assert h.brain.turns == ["hello"]
+    assert h.brain.turns == ["Hello"]
     assert h.session.resumes == 1
     await h.stop()
 
 
 async def test_short_real_words_interrupt_once_transcribed() -> None:
     h = make_harness()
-    h.asr.script = lambda s: "hello" if len(h.asr.calls) == 1 else "stop"
+    h.asr.script = lambda s: "Hello" if len(h.asr.calls) == 1 else "Stop"
     await h.start()
     h.brain.script = lambda text: [LONG_ANSWER]
     await h.feed(tone(1100))
@@ -181,7 +181,7 @@ async def test_short_real_words_interrupt_once_transcribed() -> None:
     await h.feed(tone(400))
     await h.silence(1500)
     assert "clear" in h.sink.kinds()
-    assert h.brain.turns == ["hello", "stop"]
+    assert h.brain.turns == ["Hello", "Stop"]
     await h.stop()
 
 
@@ -578,3 +578,74 @@ async def test_speech_starting_as_the_agent_finishes_never_leaves_the_agent_paus
             stuck.append(offset_ms)
         await h.stop()
     assert stuck == [], f"no answer when the caller started {stuck} ms into a 300 ms answer"
+
+
+class ReadAheadBrain(SpeculativeBrain):
+    """Records the words it is given to read ahead, and the turns answered before each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: list[tuple[str, int]] = []
+
+    async def read_ahead(self, words: str) -> None:
+        self.read.append((words, len(self.turns)))
+
+
+SENTENCE = "and mister john dashwood had then leisure to consider how much there might be prudently"
+
+
+def _words_by_time(seconds: float) -> str:
+    """What a transcription of the first ``seconds`` says: 3 words a second."""
+    words = SENTENCE.split()
+    return " ".join(words[: max(1, min(len(words), int(seconds * 3)))])
+
+
+def _read_ahead_of(seconds: float) -> str:
+    """The words read ahead from a transcription of ``seconds``: all but the last (it may be cut
+    off mid-way), with a capital first letter as in the turn's own transcript."""
+    words = " ".join(_words_by_time(seconds).split()[:-1])
+    return words[:1].upper() + words[1:]
+
+
+async def test_a_long_utterance_is_read_ahead_while_the_caller_speaks() -> None:
+    brain = ReadAheadBrain()
+    h = make_harness(brain=brain, asr_script=_words_by_time)
+    await h.start()
+    await h.feed(tone(1800))
+    assert brain.read == [] and h.asr.calls == []  # not 2 s of speech yet
+    await h.feed(tone(600))
+    (first,) = h.asr.calls
+    assert brain.read == [(_read_ahead_of(first), 0)]  # before any turn was answered
+    assert brain.read[0][0].startswith("And mister john")
+    await h.feed(tone(2000))
+    second = h.asr.calls[1]
+    assert second - first >= 1.9  # the next after 2 s more speech, not at every window
+    assert brain.read[1] == (_read_ahead_of(second), 0)
+    await h.silence(1500)
+    assert len(brain.turns) == 1 and brain.turns[0].startswith(brain.read[-1][0])
+    assert h.session.read_aheads == 2
+    await h.stop()
+
+
+async def test_no_read_ahead_for_short_turns_while_others_wait_or_when_off() -> None:
+    brain = ReadAheadBrain()
+    h = make_harness(brain=brain, asr_script=_words_by_time)
+    await h.start()
+    await h.feed(tone(1500))
+    await h.silence(1500)
+    assert brain.turns and brain.read == []  # a short turn reads its words itself
+    with CPU.urgent():  # another caller waits for a transcription: the cores are theirs
+        await h.feed(tone(2500))
+        assert brain.read == []
+    await h.feed(tone(100))  # asked again on the next voiced window
+    assert len(brain.read) == 1
+    await h.silence(1500)
+    await h.stop()
+
+    brain = ReadAheadBrain()
+    h = make_harness(brain=brain, asr_script=_words_by_time, read_ahead_ms=0)
+    await h.start()
+    await h.feed(tone(5000))
+    await h.silence(1500)
+    assert brain.turns and brain.read == []
+    await h.stop()

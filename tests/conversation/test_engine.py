@@ -589,6 +589,24 @@ async def test_prewarm_runs_as_background_work_on_an_engine_that_schedules_it(
     assert llm.background == [True]
 
 
+async def test_words_read_ahead_are_the_start_of_the_turns_prompt(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = GrammarLlm(["", "say", json.dumps("It has not shipped yet.")[1:] + "}"])
+    llm.schedules_background = True  # type: ignore[attr-defined]
+    conversation = _conversation(llm, dispatcher, handler.url("/order"))
+    conversation.add_assistant_message("Welcome!")
+    await conversation.read_ahead("  ")  # nothing said yet: nothing to read
+    assert llm.prompts == []
+    await conversation.read_ahead("I placed an order last week and ")
+    (ahead,) = llm.prompts
+    assert ahead.endswith("<user>I placed an order last week and") and llm.background == [True]
+    assert conversation.history[-1].text == "Welcome!"  # nothing answered or recorded
+    await _run(conversation, "I placed an order last week and it has not come yet.")
+    assert llm.prompts[1].startswith(ahead)  # the turn's prompt goes on from the words read ahead
+    assert conversation.history[-1].text == "It has not shipped yet."
+
+
 async def test_a_refusal_after_a_result_is_never_spoken_and_the_result_is_read(
     dispatcher: HttpDispatcher, handler: HandlerServer
 ) -> None:

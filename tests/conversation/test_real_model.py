@@ -230,3 +230,29 @@ async def test_prewarm_leaves_only_the_callers_words_to_evaluate(
     first = seen[0]  # the turn's first generation: later ones reuse it anyway
     assert first.cached_tokens >= warmed - 8  # all but the template's tail is reused
     assert first.prompt_tokens - first.cached_tokens < 40  # only the caller's words are new
+
+
+async def test_words_read_ahead_leave_only_the_last_words_to_evaluate(
+    qwen: Any, dispatcher: HttpDispatcher, handler: HandlerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conversation = _conversation(
+        qwen, dispatcher, handler.url("/order"), prompt=f"You help customers of shop {uuid.uuid4().hex[:8]}."
+    )
+    await conversation.prewarm()
+    words = "Hi, I ordered a blue lamp from your shop last week, and I would like to know"
+    await conversation.read_ahead(words)
+    ahead = qwen.last_stats.prompt_tokens
+    seen: list[Any] = []
+    real_stream = qwen.stream
+
+    async def recording_stream(*args: Any, **kwargs: Any) -> AsyncIterator[str]:
+        async with contextlib.aclosing(real_stream(*args, **kwargs)) as pieces:
+            async for piece in pieces:
+                yield piece
+        seen.append(dataclasses.replace(qwen.last_stats))
+
+    monkeypatch.setattr(qwen, "stream", recording_stream)
+    await _run(conversation, words + " when it will arrive.")
+    first = seen[0]
+    assert first.cached_tokens >= ahead - 1  # every word read ahead is kept
+    assert first.prompt_tokens - first.cached_tokens < 20  # the last words and the template's tail
