@@ -436,6 +436,7 @@ class CallSession:
         elif isinstance(event, TurnEnded):
             self._open_utterance = None
             self._cancel_spec_timer()
+            self._stop_read_ahead()
             audio = self.utterance.take()
             barge = self._barge
             if barge is not None and not barge.confirmed and event.voiced_ms < cfg.barge_in_min_speech_ms:
@@ -516,6 +517,14 @@ class CallSession:
         snapshot = self.utterance.snapshot()
         self._read_ahead = self._spawn(self._read_words_ahead(snapshot, self._utterance_seq), "read-ahead")
 
+    def _stop_read_ahead(self) -> None:
+        """A reply for these words starts now: a read-ahead still waiting for the LLM would only run
+        after it, and overwrite the reply's cells with words it has read already. (What a running
+        one has read stays in the cache for the reply.)"""
+        if self._read_ahead is not None:
+            self._read_ahead.cancel()
+            self._read_ahead = None
+
     async def _read_words_ahead(self, audio: FloatArray, utterance: int) -> None:
         try:
             text = await self._transcribe_safely(audio)
@@ -551,6 +560,7 @@ class CallSession:
         )
 
     def _speculate(self, text: str, started: float) -> None:
+        self._stop_read_ahead()
         now = self.clock.now()
         state = self.brain.snapshot()  # type: ignore[attr-defined]
         reply = self._start_reply("answer", input_text=text, held=True)

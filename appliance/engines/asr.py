@@ -19,9 +19,9 @@ predicts the end of speech less surely in a short one. So every short-window res
 repetition guard (:func:`looks_runaway`: too many words per second of audio, a repeated phrase, a
 hit on the token limit) and a suspicious one is decoded again: first in a ``retry_window_s`` window
 (16 s), then, if that loops too, the standard way. On "five five" through 8 kHz µ-law at 10-30 dB
-SNR (13 noisy versions), the 8 s window looped in 9 and the 12 s window in 8, the 16 s window in none
-(all "5 5"); a 16 s decode costs ~0.25 s here against ~0.7 s for 30 s, so a loop now costs the
-caller ~0.45 s instead of ~0.9 s. ``window_s=None`` turns the short window off.
+SNR (15 noisy versions), the 8 s window looped in 10 and the 12 s window in 8, the 16 s window in
+none; a 16 s decode costs ~0.25 s here against ~0.7 s for 30 s, so a loop now costs the caller
+~0.45 s instead of ~0.9 s. ``window_s=None`` turns the short window off.
 """
 
 from __future__ import annotations

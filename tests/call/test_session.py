@@ -586,9 +586,17 @@ class ReadAheadBrain(SpeculativeBrain):
     def __init__(self) -> None:
         super().__init__()
         self.read: list[tuple[str, int]] = []
+        self.reading: asyncio.Event | None = None  # when given, each read waits for it (a busy LLM)
+        self.reads_cancelled = 0
 
     async def read_ahead(self, words: str) -> None:
         self.read.append((words, len(self.turns)))
+        if self.reading is not None:
+            try:
+                await self.reading.wait()
+            except asyncio.CancelledError:
+                self.reads_cancelled += 1
+                raise
 
 
 SENTENCE = "and mister john dashwood had then leisure to consider how much there might be prudently"
@@ -648,4 +656,17 @@ async def test_no_read_ahead_for_short_turns_while_others_wait_or_when_off() -> 
     await h.feed(tone(5000))
     await h.silence(1500)
     assert brain.turns and brain.read == []
+    await h.stop()
+
+
+async def test_a_read_ahead_still_waiting_for_the_llm_is_withdrawn_when_the_reply_starts() -> None:
+    brain = ReadAheadBrain()
+    brain.reading = asyncio.Event()  # never set: the LLM is busy with other calls
+    h = make_harness(brain=brain, asr_script=_words_by_time)
+    await h.start()
+    await h.feed(tone(2400))
+    assert len(brain.read) == 1 and brain.reads_cancelled == 0
+    await h.silence(1500)
+    # Left queued, it would run after the reply and overwrite the reply's cells with old words.
+    assert len(brain.turns) == 1 and brain.reads_cancelled == 1
     await h.stop()
