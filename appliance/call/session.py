@@ -527,7 +527,7 @@ class CallSession:
 
     async def _read_words_ahead(self, audio: FloatArray, utterance: int) -> None:
         try:
-            text = await self._transcribe_safely(audio)
+            text = await self._transcribe_safely(audio, background=True)
             # The snapshot ends mid-speech: its last word may be cut off ("consid" for "consider").
             words = text.split()[:-1]
             still_open = self._open_utterance == utterance and self._can_speculate()
@@ -635,10 +635,13 @@ class CallSession:
         self._finalize_reply(reply, interrupted=True)
 
     # -- cancellable work ---------------------------------------------------------------------
-    async def _transcribe(self, audio: FloatArray) -> str:
+    async def _transcribe(self, audio: FloatArray, *, background: bool = False) -> str:
         if audio.size < 1600:  # < 100 ms
             return ""
-        result = await self.asr.transcribe(audio, language=self.config.language)
+        if background:
+            result = await self.asr.transcribe(audio, language=self.config.language, background=True)
+        else:
+            result = await self.asr.transcribe(audio, language=self.config.language)
         if result.no_speech_prob > 0.8 and result.avg_logprob < -1.0:
             return ""
         text = result.text.strip()
@@ -647,10 +650,10 @@ class CallSession:
         # (``read_ahead``) a prefix of the turn's.
         return text[:1].upper() + text[1:] if text[:1].islower() else text
 
-    async def _transcribe_safely(self, audio: FloatArray) -> str:
+    async def _transcribe_safely(self, audio: FloatArray, *, background: bool = False) -> str:
         """For tasks of their own: a failed transcription is a turn not heard, not a dead call."""
         try:
-            return await self._transcribe(audio)
+            return await self._transcribe(audio, background=background)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -273,23 +273,28 @@ class WhisperAsr:
     def transcribe_sync(self, pcm16k: FloatArray, *, language: str | None = None) -> Transcript:
         return self._decode(self._check(pcm16k), language)
 
-    async def transcribe(self, pcm16k: FloatArray, *, language: str | None = None) -> Transcript:
+    async def transcribe(
+        self, pcm16k: FloatArray, *, language: str | None = None, background: bool = False
+    ) -> Transcript:
         """``pcm16k``: mono float32 in [-1, 1] at 16 kHz. Cancelling the awaiting task abandons the
         result; the decode already running in the worker finishes in the background (CTranslate2
-        cannot be interrupted mid-decode)."""
+        cannot be interrupted mid-decode). ``background``: nobody waits for this transcript (a
+        turn's words so far, read ahead), so other calls' replies do not pause for it."""
         audio = self._check(pcm16k)
         loop = asyncio.get_running_loop()
         with self._pending_lock:
             self._pending += 1
-        return await loop.run_in_executor(self._executor, self._counted_decode, audio, language)
+        return await loop.run_in_executor(self._executor, self._counted_decode, audio, language, background)
 
-    def _counted_decode(self, pcm16k: FloatArray, language: str | None) -> Transcript:
+    def _counted_decode(
+        self, pcm16k: FloatArray, language: str | None, background: bool = False
+    ) -> Transcript:
         # Counted down here, not in the awaiting task: a cancelled transcription keeps the worker
         # busy until CTranslate2 finishes it.
         try:
             # A caller has just paused and waits for the reply this transcript starts: the rest of
             # other calls' replies (background generation) pauses meanwhile.
-            with CPU.urgent():
+            with CPU.working() if background else CPU.urgent():
                 return self._decode(pcm16k, language)
         finally:
             with self._pending_lock:

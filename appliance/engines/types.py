@@ -47,8 +47,11 @@ class Transcript:
 class AsrEngine(Protocol):
     model_id: str
 
-    async def transcribe(self, pcm16k: FloatArray, *, language: str | None = None) -> Transcript:
-        """``pcm16k``: mono float32 in [-1, 1] at 16 kHz."""
+    async def transcribe(
+        self, pcm16k: FloatArray, *, language: str | None = None, background: bool = False
+    ) -> Transcript:
+        """``pcm16k``: mono float32 in [-1, 1] at 16 kHz. ``background``: nobody waits for this
+        one (words read ahead), so other work need not give way to it."""
         ...
 
 

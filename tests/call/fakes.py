@@ -78,12 +78,16 @@ class ScriptedAsr:
     def __init__(self, script: Callable[[float], str]):
         self.script = script
         self.calls: list[float] = []
+        self.background: list[bool] = []  # per call: a transcription nobody waits for
         self.hold: asyncio.Event | None = None  # when given, transcriptions wait for it (slow ASR)
 
-    async def transcribe(self, pcm16k: FloatArray, *, language: str | None = None) -> Transcript:
+    async def transcribe(
+        self, pcm16k: FloatArray, *, language: str | None = None, background: bool = False
+    ) -> Transcript:
         await asyncio.sleep(0)
         seconds = pcm16k.size / 16000
         self.calls.append(seconds)
+        self.background.append(background)
         text = self.script(seconds)
         if self.hold is not None:
             await self.hold.wait()

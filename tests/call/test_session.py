@@ -632,6 +632,8 @@ async def test_a_long_utterance_is_read_ahead_while_the_caller_speaks() -> None:
     await h.silence(1500)
     assert len(brain.turns) == 1 and brain.turns[0].startswith(brain.read[-1][0])
     assert h.session.read_aheads == 2
+    # Nobody waits for the words read ahead: their transcriptions do not make others give way.
+    assert h.asr.background[:2] == [True, True] and not any(h.asr.background[2:])
     await h.stop()
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from appliance.engines import asr as asr_module
 from appliance.engines.asr import DECODE_OPTIONS, AsrLoadError, WhisperAsr, collapse_loop, looks_runaway
+from appliance.engines.priority import CPU
 from tests.speech import (
     add_noise,
     corpus_wer,
@@ -277,3 +278,20 @@ async def test_noisy_digits_are_read_without_the_standard_decode(asr_engine: Whi
         texts.append(result.text)
     assert asr_engine.fallbacks - fallbacks <= 1, texts  # one spare for other CPUs' int8 kernels
     assert sum(wer(rec.text, t) <= 0.5 for t in texts) >= 5, texts
+
+
+async def test_a_background_transcription_does_not_make_other_work_give_way(
+    asr_engine: WhisperAsr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    urgent_while_decoding: list[int] = []
+    decode = asr_engine._decode
+
+    def spy(pcm16k: np.ndarray, language: str | None) -> object:
+        urgent_while_decoding.append(CPU.urgent_now)
+        return decode(pcm16k, language)
+
+    monkeypatch.setattr(asr_engine, "_decode", spy)
+    audio = telephone_16k(load_recordings("cards")[0].pcm)
+    await asr_engine.transcribe(audio)
+    await asr_engine.transcribe(audio, background=True)
+    assert urgent_while_decoding == [1, 0]
