@@ -206,16 +206,18 @@ async def test_answers_use_the_document(
     assert handler.requests == []
 
 
-async def test_prewarm_leaves_only_the_callers_words_to_evaluate(
-    qwen: Any, dispatcher: HttpDispatcher, handler: HandlerServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A prompt no earlier test used: nothing of it can be in a saved state already.
+async def _prewarmed_new_shop(qwen: Any, dispatcher: HttpDispatcher, handler: HandlerServer) -> Conversation:
+    """A conversation whose prompt no earlier test used (nothing of it can be in a saved state
+    already), its prefix read."""
     conversation = _conversation(
         qwen, dispatcher, handler.url("/order"), prompt=f"You help customers of shop {uuid.uuid4().hex[:8]}."
     )
     await conversation.prewarm()
-    warmed = qwen.last_stats.prompt_tokens
-    assert warmed > 100  # the system message with the function list
+    return conversation
+
+
+def _record_generation_stats(qwen: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """From now on, each finished generation's stats (prompt tokens, cached tokens) in a list."""
     seen: list[Any] = []
     real_stream = qwen.stream
 
@@ -226,6 +228,16 @@ async def test_prewarm_leaves_only_the_callers_words_to_evaluate(
         seen.append(dataclasses.replace(qwen.last_stats))
 
     monkeypatch.setattr(qwen, "stream", recording_stream)
+    return seen
+
+
+async def test_prewarm_leaves_only_the_callers_words_to_evaluate(
+    qwen: Any, dispatcher: HttpDispatcher, handler: HandlerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conversation = await _prewarmed_new_shop(qwen, dispatcher, handler)
+    warmed = qwen.last_stats.prompt_tokens
+    assert warmed > 100  # the system message with the function list
+    seen = _record_generation_stats(qwen, monkeypatch)
     await _run(conversation, "Hi, what can you do for me?")
     first = seen[0]  # the turn's first generation: later ones reuse it anyway
     assert first.cached_tokens >= warmed - 8  # all but the template's tail is reused
@@ -235,23 +247,11 @@ async def test_prewarm_leaves_only_the_callers_words_to_evaluate(
 async def test_words_read_ahead_leave_only_the_last_words_to_evaluate(
     qwen: Any, dispatcher: HttpDispatcher, handler: HandlerServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    conversation = _conversation(
-        qwen, dispatcher, handler.url("/order"), prompt=f"You help customers of shop {uuid.uuid4().hex[:8]}."
-    )
-    await conversation.prewarm()
+    conversation = await _prewarmed_new_shop(qwen, dispatcher, handler)
     words = "Hi, I ordered a blue lamp from your shop last week, and I would like to know"
     await conversation.read_ahead(words)
     ahead = qwen.last_stats.prompt_tokens
-    seen: list[Any] = []
-    real_stream = qwen.stream
-
-    async def recording_stream(*args: Any, **kwargs: Any) -> AsyncIterator[str]:
-        async with contextlib.aclosing(real_stream(*args, **kwargs)) as pieces:
-            async for piece in pieces:
-                yield piece
-        seen.append(dataclasses.replace(qwen.last_stats))
-
-    monkeypatch.setattr(qwen, "stream", recording_stream)
+    seen = _record_generation_stats(qwen, monkeypatch)
     await _run(conversation, words + " when it will arrive.")
     first = seen[0]
     assert first.cached_tokens >= ahead - 1  # every word read ahead is kept
