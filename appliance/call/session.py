@@ -638,10 +638,7 @@ class CallSession:
     async def _transcribe(self, audio: FloatArray, *, background: bool = False) -> str:
         if audio.size < 1600:  # < 100 ms
             return ""
-        if background:
-            result = await self.asr.transcribe(audio, language=self.config.language, background=True)
-        else:
-            result = await self.asr.transcribe(audio, language=self.config.language)
+        result = await self.asr.transcribe(audio, language=self.config.language, background=background)
         if result.no_speech_prob > 0.8 and result.avg_logprob < -1.0:
             return ""
         text = result.text.strip()
