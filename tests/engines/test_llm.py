@@ -511,6 +511,29 @@ async def test_a_new_conversation_takes_the_slot_of_one_that_ended_not_of_a_quie
         llm.close()
 
 
+async def test_an_ended_conversation_leaves_only_its_first_prompt_behind() -> None:
+    """Every step attends over every cell in use, so an ended call's history must not stay in its
+    slot; its first prompt (the agent's system prompt) stays for the next call to copy."""
+    llm = LlamaLlm("smollm2-135m", _model_path("smollm2-135m"), context_size=CONTEXT, threads=2, slots=2)
+    try:
+        first = _conversation(llm, "ivan", 0)
+        await _collect(llm, first, max_tokens=4, cache_key="ivan")
+        await _collect(llm, _conversation(llm, "ivan", 8), max_tokens=4, cache_key="ivan")
+        ivans = next(s for s in llm._slots if s.owner == "ivan")
+        first_tokens = len(llm._tokenize(first))
+        assert len(ivans.tokens) > first_tokens + 50  # the history is in the slot while the call lasts
+        llm.release("ivan")
+        for _ in range(100):  # trimmed by the scheduler thread, between steps
+            if len(ivans.tokens) == first_tokens:
+                break
+            await asyncio.sleep(0.02)
+        assert len(ivans.tokens) == first_tokens
+        await _collect(llm, _conversation(llm, "judy", 0), max_tokens=4, cache_key="judy")
+        assert llm.last_stats.restored_tokens > 300  # the agent's prompt was still there to copy
+    finally:
+        llm.close()
+
+
 async def test_an_urgent_generation_goes_before_background_work(smol: LlamaLlm) -> None:
     """A prewarm or the rest of a long reply (background) gets a step only every
     ``BACKGROUND_MAX_WAIT_S`` while another generation's first tokens are being computed."""
