@@ -20,6 +20,11 @@ generation writes its first clause another reads its prompt ``URGENT_PROMPT_CHUN
 A slot goes to a generation someone waits for before any background one, and if none is free it
 takes a prewarm's (``_admit``).
 
+A background step that reads prompt (a prewarm, words read ahead: up to ``BACKGROUND_PROMPT_CHUNK``
+tokens, ~0.4 s on 2 cores) is abandoned when a generation someone waits for arrives or another
+engine starts urgent work (``_abort_background``): llama.cpp drops the cells it wrote and the
+prewarm reads that chunk again later. Never two steps in a row, so background work cannot starve.
+
 Generations reading the same prompt prefix at once (calls to the same agent starting together) do not
 compute it side by side: a background one waits while another reads ahead, and any one still reading
 its prompt copies the cells others have evaluated since it started (``_catch_up``).
@@ -321,6 +326,18 @@ class LlamaLlm:
             self._llama.close()
             raise ModelCorrupt(f"{self.model_path}: llama.cpp could not create a context ({exc})") from exc
         self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        # llama.cpp asks between graph nodes whether to abort a decode. The question goes to libc's
+        # ``strlen`` on a flag byte: a C function, since a Python callback would take the GIL at
+        # every node (+45% a step beside another busy Python thread).
+        self._abort_flag = ctypes.create_string_buffer(2)
+        self._abort_check = _abort_check()
+        if self._abort_check is not None:
+            flag = ctypes.cast(self._abort_flag, ctypes.c_void_p)
+            llama_cpp.llama_set_abort_callback(self._ctx.ctx, self._abort_check, flag)
+        self._abortable_step = False  # the step under way may be abandoned
+        self._abort_lock = threading.Lock()  # the flag is only ever set during such a step
+        self._aborted_last = False
+        self.aborted = 0  # background steps abandoned for urgent work
         self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._slots = [_Slot(seq_id=i) for i in range(max(1, slots))]
         self._pieces: dict[int, bytes] = {}
@@ -343,6 +360,7 @@ class LlamaLlm:
         self._warm_up()
         self._thread = threading.Thread(target=self._run, name=f"llm-{model_id}", daemon=True)
         self._thread.start()
+        CPU.on_urgent(self._abort_background)
 
     def _warm_up(self) -> None:
         """The first decode allocates compute buffers and pages the weights in."""
@@ -488,6 +506,7 @@ class LlamaLlm:
                 self._replies_submitted += 1
             self._wake.notify()
         if not background:
+            self._abort_background()
             CPU.nudge()  # the scheduler may be yielding to other engines: a caller waits for this
         try:
             while True:
@@ -512,6 +531,12 @@ class LlamaLlm:
             # The scheduler retires a stopped job at the end of its current step, so this waits
             # for one step at most and no tokens are computed for it once we return.
             await job.finished.wait()
+
+    def _abort_background(self) -> None:
+        """Someone waits now: abandon the background prompt step under way, if one is (any thread)."""
+        with self._abort_lock:
+            if self._abortable_step:
+                self._abort_flag[0] = b"\x01"
 
     def release(self, cache_key: str) -> None:
         """The conversation ``cache_key`` is over: its slot is the first to go to a new conversation,
@@ -749,7 +774,24 @@ class LlamaLlm:
             return
         self._fill(entries)
         self._match_threads()
+        abortable = (
+            self._abort_check is not None
+            and not self._aborted_last
+            and not any(j.urgent for j, _, _ in plan)
+            and any(take > 1 for _, take, _ in plan)
+        )
+        if abortable and self._new_reply():
+            return  # admit it first
+        with self._abort_lock:
+            self._abort_flag[0] = b"\x00"
+            self._abortable_step = abortable
         code = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
+        with self._abort_lock:
+            self._abortable_step = False
+        self._aborted_last = code == 2
+        if self._aborted_last:  # abandoned: llama.cpp removed its cells, every job keeps its tokens
+            self.aborted += 1
+            return
         if code != 0:
             log.error("llm %s: llama_decode returned %d (%d tokens, %d sequences)", self.model_id, code,
                       len(entries), len(plan))  # fmt: skip
@@ -917,6 +959,15 @@ class LlamaLlm:
         with self._wake:
             self._jobs.discard(job)
         job.retired()
+
+
+def _abort_check() -> Any:
+    """libc's ``strlen`` as llama.cpp's abort callback (true once the flag byte is set), or None
+    where there is no C library to take it from."""
+    try:
+        return ctypes.cast(ctypes.CDLL(None).strlen, llama_cpp.ggml_abort_callback)
+    except (OSError, AttributeError, TypeError):
+        return None
 
 
 def _common_prefix(a: npt.NDArray[np.intc], b: npt.NDArray[np.intc]) -> int:

@@ -5,7 +5,8 @@ barrier after every layer, slow down badly when anything else runs beside them. 
 latency-critical: transcribing a turn and synthesizing the first clause of a reply, while the
 caller waits in silence. The rest of a reply's generation is not (it only has to stay ahead of the
 audio already playing). ``CpuPriority`` lets urgent work say so; the LLM checks it before each
-step that holds only background work and waits, bounded, while urgent work runs.
+step that holds only background work and waits, bounded, while urgent work runs, and engines that
+can abandon background work under way are told when urgent work starts (``on_urgent``).
 
 Measured on this 2-core box (scripts/bench_call): a first clause synthesized beside a running
 generation took ~210 ms; alone, with both cores, ~130 ms.
@@ -23,6 +24,7 @@ event loop does not count as work here.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -34,6 +36,8 @@ class CpuPriority:
         self.yielded = 0  # times background work waited (for tests and metrics)
         self._foreground: set[int] = set()  # engines stepping latency-critical work of their own
         self._working = 0  # native work of other engines running now, urgent or not
+        # Told when urgent work starts (``on_urgent``); weak, so that a dropped engine goes.
+        self._on_urgent: list[weakref.WeakMethod[Callable[[], None]]] = []
 
     @property
     def urgent_now(self) -> int:
@@ -70,12 +74,23 @@ class CpuPriority:
             with self._idle:
                 self._working -= 1
 
+    def on_urgent(self, callback: Callable[[], None]) -> None:
+        """Call the bound method ``callback`` (in the thread that starts it) whenever urgent work
+        starts: an engine in the middle of background work it can abandon stops it."""
+        with self._idle:
+            self._on_urgent = [ref for ref in self._on_urgent if ref() is not None]
+            self._on_urgent.append(weakref.WeakMethod(callback))
+
     @contextmanager
     def urgent(self) -> Iterator[None]:
         """Hold while doing latency-critical work (in any thread)."""
         with self._idle:
             self._urgent += 1
             self._working += 1
+            callbacks = [ref() for ref in self._on_urgent]
+        for callback in callbacks:
+            if callback is not None:
+                callback()
         try:
             yield
         finally:

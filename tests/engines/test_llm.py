@@ -671,6 +671,26 @@ async def test_prewarms_of_one_agent_read_its_prompt_once(
     assert sorted(r.copied for r in runs)[1:] >= [shared - 32] * 2, runs
 
 
+async def test_a_reply_arriving_during_a_prewarms_prompt_step_abandons_that_step(qwen: LlamaLlm) -> None:
+    """A background prompt step takes ~0.4 s on 2 cores: a reply that arrives meanwhile stops it
+    instead of waiting for it, and the prewarm reads that chunk again afterwards, its cells intact."""
+    system = _rules("the cloakroom of a concert hall")  # text no other test has used
+    counting = [{"role": "system", "content": system}, COUNTING[1]]
+    prewarm = asyncio.create_task(_prewarm(qwen, qwen.format_chat(counting), cache_key="cloak"))
+    await _until_running(qwen)
+    await asyncio.sleep(0.2)  # inside one of its 32-token steps
+    before = qwen.aborted
+    reply = await _collect(qwen, qwen.format_chat(COUNTING), max_tokens=4)
+    assert qwen.aborted == before + 1
+    assert reply.strip()
+    await prewarm
+    # The conversation's cells read on correctly after the abandoned step: it counts.
+    counted = await _collect(qwen, qwen.format_chat(counting), max_tokens=12, cache_key="cloak")
+    stats = qwen.last_stats
+    assert stats.prompt_tokens - stats.cached_tokens <= 2  # only the last token was read again
+    assert re.match(r"\s*1\W+2\W+3", counted), counted
+
+
 async def test_an_urgent_generation_takes_a_prewarms_slot_instead_of_waiting(
     one_slot: LlamaLlm, caplog: pytest.LogCaptureFixture
 ) -> None:

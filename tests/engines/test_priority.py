@@ -104,3 +104,27 @@ def test_no_wait_when_the_condition_already_holds() -> None:
     with cpu.urgent():
         cpu.yield_to_urgent(max_wait_s=5.0, until=lambda: True)
     assert cpu.yielded == 0
+
+
+class _Engine:
+    def __init__(self) -> None:
+        self.told = 0
+
+    def stop_background(self) -> None:
+        self.told += 1
+
+
+def test_engines_are_told_when_urgent_work_starts_and_dropped_engines_are_forgotten() -> None:
+    cpu = CpuPriority()
+    kept, dropped = _Engine(), _Engine()
+    cpu.on_urgent(kept.stop_background)
+    cpu.on_urgent(dropped.stop_background)
+    del dropped  # the CPU must not keep an engine alive, nor call into one that is gone
+    with cpu.urgent():
+        assert kept.told == 1
+    with cpu.working():  # work that can wait does not stop anyone's background work
+        pass
+    assert kept.told == 1
+    other = _Engine()
+    cpu.on_urgent(other.stop_background)  # registering prunes the dead reference
+    assert len(cpu._on_urgent) == 2
