@@ -780,11 +780,14 @@ class LlamaLlm:
             and not any(j.urgent for j, _, _ in plan)
             and any(take > 1 for _, take, _ in plan)
         )
-        if abortable and self._new_reply():
-            return  # admit it first
         with self._abort_lock:
             self._abort_flag[0] = b"\x00"
             self._abortable_step = abortable
+        # A reply submitted from here on raises the flag; one submitted before is seen here.
+        if abortable and self._new_reply():
+            with self._abort_lock:
+                self._abortable_step = False
+            return  # admit it first
         code = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
         with self._abort_lock:
             self._abortable_step = False

@@ -512,7 +512,7 @@ async def test_a_new_conversation_takes_the_slot_of_one_that_ended_not_of_a_quie
 
 
 async def test_an_ended_conversation_leaves_only_its_first_prompt_behind() -> None:
-    """Every step attends over every cell in use, so an ended call's history must not stay in its
+    """Every step walks every cell in use, so an ended call's history must not stay in its
     slot; its first prompt (the agent's system prompt) stays for the next call to copy."""
     llm = LlamaLlm("smollm2-135m", _model_path("smollm2-135m"), context_size=CONTEXT, threads=2, slots=2)
     try:
