@@ -300,6 +300,12 @@ class ApplianceMetrics:
             "(hit: replayed without synthesis).",
             ["model", "outcome"],
         )
+        self.abandoned_background_work = r.gauge(
+            "appliance_engine_abandoned_background_work",
+            "Pieces of background work (LLM prompt steps, synthesized sentences) an engine stopped "
+            "mid-way since start because urgent work began; each is done again later.",
+            ["role", "model"],
+        )
         # The process.
         self.resident_memory = r.gauge(
             "appliance_process_resident_memory_bytes", "Resident memory of the appliance process."
@@ -323,6 +329,7 @@ class ApplianceMetrics:
         self.engine_queue_depth.clear()
         self.engine_busy.clear()
         self.phrase_cache_lookups.clear()
+        self.abandoned_background_work.clear()
         for spec in state.manifest:
             engine = state.engines.peek(spec.role, spec.id)
             if engine is None:
@@ -337,6 +344,9 @@ class ApplianceMetrics:
             if phrases is not None:
                 self.phrase_cache_lookups.set(phrases.hits, model=spec.id, outcome="hit")
                 self.phrase_cache_lookups.set(phrases.misses, model=spec.id, outcome="miss")
+            abandoned = getattr(engine, "abandoned", None)
+            if isinstance(abandoned, int):
+                self.abandoned_background_work.set(abandoned, role=spec.role, model=spec.id)
         self.uptime.set(round(time.monotonic() - _PROCESS_STARTED, 3))
         rss, fds = _process_figures()
         if rss is not None:

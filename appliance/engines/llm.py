@@ -337,7 +337,7 @@ class LlamaLlm:
         self._abortable_step = False  # the step under way may be abandoned
         self._abort_lock = threading.Lock()  # the flag is only ever set during such a step
         self._aborted_last = False
-        self.aborted = 0  # background steps abandoned for urgent work
+        self.abandoned = 0  # background prompt steps abandoned for urgent work, and read again later
         self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._slots = [_Slot(seq_id=i) for i in range(max(1, slots))]
         self._pieces: dict[int, bytes] = {}
@@ -793,7 +793,7 @@ class LlamaLlm:
             self._abortable_step = False
         self._aborted_last = code == 2
         if self._aborted_last:  # abandoned: llama.cpp removed its cells, every job keeps its tokens
-            self.aborted += 1
+            self.abandoned += 1
             return
         if code != 0:
             log.error("llm %s: llama_decode returned %d (%d tokens, %d sequences)", self.model_id, code,

@@ -93,10 +93,14 @@ class TtsEngine(Protocol):
     voice_id: str
     sample_rate: int
 
-    def synthesize(self, text: str, *, speed: float = 1.0, urgent: bool = False) -> AsyncIterator[Int16Array]:
+    def synthesize(
+        self, text: str, *, speed: float = 1.0, urgent: bool = False, abandonable: bool = False
+    ) -> AsyncIterator[Int16Array]:
         """Yield mono int16 PCM chunks at ``sample_rate`` as they are produced (sentence by sentence).
         ``urgent``: someone is waiting in silence for this (a reply's first clause); background work
-        such as the rest of a generation yields the CPU to it (``engines.priority``)."""
+        such as the rest of a generation yields the CPU to it (``engines.priority``).
+        ``abandonable``: background work with time to spare; a sentence under way may be stopped
+        when urgent work starts and redone after it."""
         ...
 
 

@@ -129,6 +129,7 @@ EXPECTED = {
     "appliance_engine_queue_depth": "gauge",
     "appliance_engine_busy": "gauge",
     "appliance_tts_phrase_cache_lookups": "gauge",
+    "appliance_engine_abandoned_background_work": "gauge",
     "appliance_process_resident_memory_bytes": "gauge",
     "appliance_process_open_fds": "gauge",
     "appliance_uptime_seconds": "gauge",
@@ -377,6 +378,23 @@ async def test_phrase_cache_lookups_are_read_at_scrape_time(
     lookups = (await scrape(client))["appliance_tts_phrase_cache_lookups"]
     assert lookups.value(model=tts_id, outcome="hit") == 2
     assert lookups.value(model=tts_id, outcome="miss") == 1
+
+
+async def test_abandoned_background_work_is_read_at_scrape_time(
+    app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = app.state.appliance
+    llm_id, tts_id, asr_id = state.settings.models.llm, state.settings.models.tts, state.settings.models.asr
+    loaded: dict[tuple[str, str], Any] = {
+        ("llm", llm_id): SimpleNamespace(abandoned=3),
+        ("tts", tts_id): SimpleNamespace(abandoned=5),
+        ("asr", asr_id): SimpleNamespace(),  # abandons nothing: left out
+    }
+    monkeypatch.setattr(state.engines, "peek", lambda role, model_id=None: loaded.get((role, model_id)))
+    abandoned = (await scrape(client))["appliance_engine_abandoned_background_work"]
+    assert abandoned.value(role="llm", model=llm_id) == 3
+    assert abandoned.value(role="tts", model=tts_id) == 5
+    assert len(abandoned.samples) == 2
 
 
 # -- access -------------------------------------------------------------------------------------------

@@ -103,13 +103,15 @@ class ScriptedTts:
     def __init__(self) -> None:
         self.spoken: list[str] = []
         self.urgent: list[bool] = []
+        self.abandonable: list[bool] = []
         self.closed = 0
 
     async def synthesize(
-        self, text: str, *, speed: float = 1.0, urgent: bool = False
+        self, text: str, *, speed: float = 1.0, urgent: bool = False, abandonable: bool = False
     ) -> AsyncIterator[Int16Array]:
         self.spoken.append(text)
         self.urgent.append(urgent)
+        self.abandonable.append(abandonable)
         try:
             for _ in text.split():
                 await asyncio.sleep(0)

@@ -1,4 +1,5 @@
-"""Voice: a later clause's synthesis waits, bounded, while other latency-critical work runs."""
+"""Voice: a later clause's synthesis waits, bounded, while other latency-critical work runs, and may
+be abandoned for it only while enough of the reply's audio is queued ahead."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ async def test_a_later_clause_waits_while_urgent_work_runs_and_audio_is_queued_a
         assert tts.spoken == []  # put off: three seconds of this reply are still to be heard
     await asyncio.wait_for(speaking, 1.0)
     assert tts.spoken == ["and the second one."] and tts.urgent == [False]
+    # With that much ahead, it may also be stopped for urgent work mid-way and redone after it.
+    assert tts.abandonable == [True]
 
 
 async def test_no_wait_when_little_audio_is_ahead_or_nothing_urgent_and_never_unbounded() -> None:
@@ -44,6 +47,7 @@ async def test_no_wait_when_little_audio_is_ahead_or_nothing_urgent_and_never_un
     with CPU.urgent():
         await asyncio.wait_for(voice.speak(short, "and the second one."), 0.15)  # would starve
     assert len(tts.spoken) == 1
+    assert tts.abandonable == [False]  # a redo could leave the caller in silence
     long = await _reply_with_audio_queued(playout, 5.0)
     await asyncio.wait_for(voice.speak(long, "and the second one."), 0.15)  # nothing urgent
     assert len(tts.spoken) == 2

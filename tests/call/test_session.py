@@ -540,6 +540,7 @@ async def test_only_the_first_clause_of_a_reply_is_synthesized_urgently() -> Non
     await h.silence(3000)
     assert len(h.tts.spoken) >= 2
     assert h.tts.urgent[0] is True and not any(h.tts.urgent[1:])
+    assert h.tts.abandonable[0] is False
     await h.stop()
 
 

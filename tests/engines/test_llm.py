@@ -679,9 +679,9 @@ async def test_a_reply_arriving_during_a_prewarms_prompt_step_abandons_that_step
     prewarm = asyncio.create_task(_prewarm(qwen, qwen.format_chat(counting), cache_key="cloak"))
     await _until_running(qwen)
     await asyncio.sleep(0.2)  # inside one of its 32-token steps
-    before = qwen.aborted
+    before = qwen.abandoned
     reply = await _collect(qwen, qwen.format_chat(COUNTING), max_tokens=4)
-    assert qwen.aborted == before + 1
+    assert qwen.abandoned == before + 1
     assert reply.strip()
     await prewarm
     # The conversation's cells read on correctly after the abandoned step: it counts.

@@ -4,8 +4,9 @@ after the telephone path (22,050 Hz -> 8 kHz µ-law -> 16 kHz)."""
 import asyncio
 import shutil
 import threading
-from collections.abc import Iterator
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,22 +69,29 @@ async def test_speech_survives_the_phone_line_and_asr_understands_it(
     assert wer(TEXT, transcript.text) <= 0.2, transcript.text
 
 
-def _instrument(tts: PiperTts, monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], threading.Event]:
-    """Count the sentences the worker synthesizes and signal when its generator is closed."""
+def _instrument(tts: PiperTts, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the sentences the workers synthesize."""
     produced: list[int] = []
-    finished = threading.Event()
-    original = tts._chunks
+    original = tts._next_sentence
 
-    def counting(text: str, speed: float) -> Iterator[np.ndarray]:
-        try:
-            for chunk in original(text, speed):
-                produced.append(len(chunk))
-                yield chunk
-        finally:
-            finished.set()
+    def counting(utterance: Any) -> np.ndarray | None:
+        pcm = original(utterance)
+        if pcm is not None:
+            produced.append(len(pcm))
+        return pcm
 
-    monkeypatch.setattr(tts, "_chunks", counting)
-    return produced, finished
+    monkeypatch.setattr(tts, "_next_sentence", counting)
+    return produced
+
+
+async def _settled(produced: list[int]) -> int:
+    """How many sentences were synthesized, once no more come (a sentence takes ~0.1-0.2 s)."""
+    for _ in range(60):
+        before = len(produced)
+        await asyncio.sleep(0.5)
+        if len(produced) == before:
+            return before
+    raise AssertionError("synthesis never stopped")
 
 
 LONG_TEXT = " ".join(f"This is sentence number {i} of a long answer." for i in range(20))
@@ -92,20 +100,19 @@ LONG_TEXT = " ".join(f"This is sentence number {i} of a long answer." for i in r
 async def test_closing_the_iterator_stops_synthesis(
     tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    produced, finished = _instrument(tts_engine, monkeypatch)
+    produced = _instrument(tts_engine, monkeypatch)
     stream = tts_engine.synthesize(LONG_TEXT)
     first = await anext(stream)
     assert len(first) > 0
     await stream.aclose()
-    assert await asyncio.to_thread(finished.wait, 30.0)
     # At most: the one taken, the queue's worth, one being put and one being synthesized.
-    assert len(produced) <= 1 + QUEUE_CHUNKS + 2 < 20
+    assert await _settled(produced) <= 1 + QUEUE_CHUNKS + 2 < 20
 
 
 async def test_cancelling_the_consumer_stops_synthesis(
     tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    produced, finished = _instrument(tts_engine, monkeypatch)
+    produced = _instrument(tts_engine, monkeypatch)
     got_one = asyncio.Event()
 
     async def consume() -> None:
@@ -118,14 +125,13 @@ async def test_cancelling_the_consumer_stops_synthesis(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await asyncio.to_thread(finished.wait, 30.0)
-    assert len(produced) < 20
+    assert await _settled(produced) < 20
 
 
 async def test_slow_consumer_bounds_the_backlog(
     tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    produced, finished = _instrument(tts_engine, monkeypatch)
+    produced = _instrument(tts_engine, monkeypatch)
     stream = tts_engine.synthesize(LONG_TEXT)
     await anext(stream)
     # Give the worker ample time to run ahead; the bounded queue must hold it back.
@@ -133,7 +139,7 @@ async def test_slow_consumer_bounds_the_backlog(
         await asyncio.sleep(0.05)
     assert len(produced) <= 1 + QUEUE_CHUNKS + 1
     await stream.aclose()
-    assert await asyncio.to_thread(finished.wait, 30.0)
+    assert await _settled(produced) <= 1 + QUEUE_CHUNKS + 2
 
 
 def test_corrupt_voice_file_names_the_file(tmp_path: Path, tts_engine: PiperTts) -> None:
@@ -195,7 +201,7 @@ def test_phrase_cache_keeps_only_short_phrases_and_frozen_copies() -> None:
 async def test_a_repeated_short_clause_is_replayed_without_synthesis(
     tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    produced, _ = _instrument(tts_engine, monkeypatch)
+    produced = _instrument(tts_engine, monkeypatch)
     text = "Sure, one moment."
     first = await _collect(tts_engine, text)
     synthesized = len(produced)
@@ -213,12 +219,12 @@ async def test_a_repeated_short_clause_is_replayed_without_synthesis(
 async def test_a_clause_cut_short_is_not_cached(
     tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    produced, finished = _instrument(tts_engine, monkeypatch)
+    produced = _instrument(tts_engine, monkeypatch)
     text = "First part. Second part. Third part."
     stream = tts_engine.synthesize(text)
     await anext(stream)
     await stream.aclose()  # a barge-in
-    assert await asyncio.to_thread(finished.wait, 30.0)
+    await _settled(produced)
     assert tts_engine.phrases.key(text, 1.0) not in tts_engine.phrases._items
     before = len(produced)
     assert len(await _collect(tts_engine, text)) == 3
@@ -229,7 +235,7 @@ async def test_cache_off_synthesizes_every_time(monkeypatch: pytest.MonkeyPatch)
     tts = load_tts()
     uncached = PiperTts("uncached", tts.model_dir, threads=1, phrase_cache_bytes=0)
     try:
-        produced, _ = _instrument(uncached, monkeypatch)
+        produced = _instrument(uncached, monkeypatch)
         for _ in range(2):
             await _collect(uncached, "Sure.")
         assert len(produced) == 2 and len(uncached.phrases) == 0
@@ -275,14 +281,15 @@ async def test_synthesis_counts_as_engine_work_and_a_first_clause_as_urgent(
     """The LLM steps with fewer threads beside any synthesis, and puts background steps off beside
     an urgent one (engines.priority)."""
     seen: list[tuple[int, int]] = []
-    real_chunks = tts_engine._chunks
+    real_next = tts_engine._next_sentence
 
-    def chunks(text: str, speed: float) -> Iterator[np.ndarray]:
-        for chunk in real_chunks(text, speed):
+    def next_sentence(utterance: Any) -> np.ndarray | None:
+        pcm = real_next(utterance)
+        if pcm is not None:
             seen.append((CPU.working_now, CPU.urgent_now))  # in the worker, mid-synthesis
-            yield chunk
+        return pcm
 
-    monkeypatch.setattr(tts_engine, "_chunks", chunks)
+    monkeypatch.setattr(tts_engine, "_next_sentence", next_sentence)
     monkeypatch.setattr(tts_engine.phrases, "max_bytes", 0)
     assert len([c async for c in tts_engine.synthesize("Later clauses. Of a reply.")]) == 2
     assert seen == [(1, 0), (1, 0)]
@@ -290,3 +297,98 @@ async def test_synthesis_counts_as_engine_work_and_a_first_clause_as_urgent(
     assert len([c async for c in tts_engine.synthesize("A first clause.", urgent=True)]) == 1
     assert seen == [(1, 1)]
     assert CPU.working_now == 0 and CPU.urgent_now == 0
+
+
+# -- abandoning background work for urgent work ----------------------------------------------------
+
+ONE_LONG_SENTENCE = (
+    "Your order of three boxes of printer paper, two packs of blue pens and one large stapler "
+    "left our warehouse this morning and should reach your office by Thursday afternoon at the latest."
+)
+
+
+class _Runs:
+    """Wraps ``_next_sentence``: signals each run's start and records how each ended."""
+
+    def __init__(self, tts: PiperTts, monkeypatch: pytest.MonkeyPatch):
+        self.started: list[threading.Event] = [threading.Event() for _ in range(4)]
+        self.outcomes: list[str] = []
+        self.start_times: list[float] = []
+        original = tts._next_sentence
+
+        def recorded(utterance: Any) -> np.ndarray | None:
+            self.start_times.append(time.monotonic())
+            self.started[len(self.outcomes)].set()
+            try:
+                pcm = original(utterance)
+            except Exception:
+                self.outcomes.append("terminated")
+                raise
+            self.outcomes.append("done" if pcm is not None else "end")
+            return pcm
+
+        monkeypatch.setattr(tts, "_next_sentence", recorded)
+
+
+def _urgent_for(seconds: float) -> float:
+    """Urgent work of another engine, in another thread; returns when it ended."""
+    with CPU.urgent():
+        time.sleep(seconds)
+    return time.monotonic()
+
+
+async def test_a_background_sentence_is_abandoned_for_urgent_work_and_redone_once_after_it(
+    tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tts_engine.phrases, "max_bytes", 0)
+    plain = np.concatenate(await _collect(tts_engine, ONE_LONG_SENTENCE))
+    runs = _Runs(tts_engine, monkeypatch)
+    before = tts_engine.abandoned
+    task = asyncio.create_task(_collect(tts_engine, ONE_LONG_SENTENCE, abandonable=True))
+    assert await asyncio.to_thread(runs.started[0].wait, 30.0)
+    urgent_ended = await asyncio.to_thread(_urgent_for, 0.3)
+    # The redo waits for the urgent work to end, and is not abandoned for the next one.
+    assert await asyncio.to_thread(runs.started[1].wait, 30.0)
+    await asyncio.to_thread(_urgent_for, 0.05)
+    chunks = await task
+    assert runs.outcomes == ["terminated", "done", "end"]
+    assert runs.start_times[1] >= urgent_ended - 0.05
+    assert tts_engine.abandoned == before + 1
+    assert len(chunks) == 1
+    # The whole sentence: Piper's durations vary a little from run to run, not by a third.
+    assert 0.75 < len(chunks[0]) / len(plain) < 1.33
+    assert dbfs(chunks[0]) > -30
+
+
+async def test_only_abandonable_background_work_is_abandoned(
+    tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tts_engine.phrases, "max_bytes", 0)
+    before = tts_engine.abandoned
+    for kwargs in ({}, {"urgent": True, "abandonable": True}):
+        runs = _Runs(tts_engine, monkeypatch)
+        task = asyncio.create_task(_collect(tts_engine, ONE_LONG_SENTENCE, **kwargs))
+        assert await asyncio.to_thread(runs.started[0].wait, 30.0)
+        await asyncio.to_thread(_urgent_for, 0.1)
+        assert len(await task) == 1
+        assert runs.outcomes == ["done", "end"], kwargs
+    assert tts_engine.abandoned == before
+
+
+async def test_a_consumer_that_leaves_terminates_the_sentence_under_way(
+    tts_engine: PiperTts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tts_engine.phrases, "max_bytes", 0)
+    runs = _Runs(tts_engine, monkeypatch)
+    task = asyncio.create_task(_collect(tts_engine, ONE_LONG_SENTENCE + " " + ONE_LONG_SENTENCE, urgent=True))
+    assert await asyncio.to_thread(runs.started[0].wait, 30.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if runs.outcomes:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    assert runs.outcomes == ["terminated"]  # and no second sentence started
+    assert not runs.started[1].is_set()
