@@ -120,6 +120,7 @@ class GenerationStats:
     total_s: float = 0.0
     finish: str = ""  # "stop" | "length" | "cancelled" | "error" | "choice" (see ``choice_at``)
     batch_peak: int = 0  # most sequences decoded in one step alongside this one (itself included)
+    yielded_s: float = 0.0  # while urgent, paused for other engines' urgent work
 
     @property
     def tokens_per_s(self) -> float:
@@ -734,7 +735,11 @@ class LlamaLlm:
             # what is left of a first clause already under way: let it have the cores first. Not
             # before a new reply, though: its caller waits in silence too, and it is only admitted
             # between steps.
+            paused = time.monotonic()
             CPU.yield_to_urgent(URGENT_MAX_WAIT_S, until=self._new_reply)
+            paused = time.monotonic() - paused
+            for job in urgent:
+                job.stats.yielded_s += paused
             if self._new_reply():
                 return
         now = time.monotonic()
@@ -953,10 +958,10 @@ class LlamaLlm:
         self.last_stats = stats
         log.info(
             "llm %s: prompt %d tokens (%d cached, %d copied), %d generated, queued %.0f ms, "
-            "first token %.0f ms, %.1f tokens/s, batch up to %d, %s",
+            "first token %.0f ms, %.1f tokens/s, batch up to %d, paused %.0f ms, %s",
             self.model_id, stats.prompt_tokens, stats.cached_tokens, stats.restored_tokens,
             stats.completion_tokens, stats.queued_s * 1000, (stats.first_token_s or 0) * 1000,
-            stats.tokens_per_s, stats.batch_peak, stats.finish,
+            stats.tokens_per_s, stats.batch_peak, stats.yielded_s * 1000, stats.finish,
         )  # fmt: skip
         job.post(_END)
         with self._wake:

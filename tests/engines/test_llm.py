@@ -579,6 +579,28 @@ async def test_the_engine_says_when_it_steps_urgent_work_and_when_it_stops(smol:
     assert not any(background)
 
 
+async def test_a_first_clause_under_way_pauses_for_other_engines_urgent_work_and_says_how_long(
+    smol: LlamaLlm,
+) -> None:
+    """After its first token, a reply's first clause lets another call's transcription have the
+    cores (bounded by URGENT_MAX_WAIT_S); the generation's stats, and its log line, say how long."""
+    await _collect(smol, smol.format_chat(COUNTING), max_tokens=URGENT_TOKENS)
+    assert smol.last_stats.yielded_s == 0.0  # nothing else was urgent
+
+    def transcription() -> None:
+        with CPU.urgent():
+            time.sleep(0.3)
+
+    worker: asyncio.Future[None] | None = None
+    async for _ in smol.stream(smol.format_chat(COUNTING), max_tokens=URGENT_TOKENS):
+        if worker is None:  # after the first piece
+            worker = asyncio.ensure_future(asyncio.to_thread(transcription))
+            await asyncio.sleep(0.05)  # it has started
+    assert worker is not None
+    await worker
+    assert 0.15 <= smol.last_stats.yielded_s <= URGENT_MAX_WAIT_S + 0.1, smol.last_stats
+
+
 async def test_steps_beside_other_engines_work_use_the_shared_thread_count(
     smol: LlamaLlm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
