@@ -5,6 +5,10 @@ one function call. A call is checked (schema, grounded arguments), dispatched, i
 the history and the model asked again, up to ``max_calls_per_turn``. Built-ins (``end_call``,
 ``transfer_call``) come out as events for the call layer. Closing the event stream at any point
 stops generation at once; a call that was not dispatched yet is never sent.
+
+Speech passes a ``RepeatGuard``: a reply that starts saying a sentence again stops there, and one
+that opens with the greeting's first sentence (a small model copies the one assistant message it
+has seen) is generated again, not opening with that word, before anything of it is said.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, Protocol, cast
 from ..engines.types import ChoiceDiffers, LlmEngine
 from .dispatch import Dispatcher
 from .prompt import HistoryItem, build_prompt, clock, few_shot, system_message, turn_groups
-from .repeats import RepeatGuard
+from .repeats import RepeatGuard, first_sentence
 from .results import mentions_result, read_result, result_words
 from .tools import (
     BUILTINS,
@@ -137,6 +141,8 @@ class Conversation:
         # The function whose details the agent just asked for (see ``_complete_pending``).
         self._pending: list[FunctionSpec] = []
         self._prompt_clock: datetime | None = None
+        # The first sentence of the agent's greeting: no reply opens with it (see ``_generate``).
+        self._greeting: tuple[str, ...] = ()
 
     def _now(self) -> datetime:
         """The time the system prompt states. Held for ``PROMPT_CLOCK_HOLD`` rather than advanced
@@ -200,6 +206,8 @@ class Conversation:
 
     def add_assistant_message(self, text: str) -> None:
         """Something the agent said outside a turn (the welcome message)."""
+        if not self.history:
+            self._greeting = (first_sentence(text),) if text.strip() else ()
         self.history.append(HistoryItem("say", text=text))
 
     def record_heard(self, text: str, interrupted: bool = True) -> None:
@@ -410,9 +418,10 @@ class Conversation:
         )  # fmt: skip
         generation.prompt_tokens = prompt.tokens
         parser = StreamingAnswer()
-        repeats = RepeatGuard()
+        repeats = RepeatGuard(earlier=self._greeting)
         started = time.monotonic()
         finished = False
+        avoid: str | None = None
         try:
             text, grammar, choice = prompt.text, None, None
             if speech and getattr(self.llm, "supports_grammar", False):
@@ -436,6 +445,8 @@ class Conversation:
                 options.update({"grammar": grammar} if grammar is not None else {"json_schema": schema})
                 if choice is not None:
                     options["choice_at"] = choice
+                if avoid is not None:
+                    options["avoid_opening"] = avoid
                 stream = self.llm.stream(
                     text, max_tokens=max_tokens, temperature=self.agent.temperature, **options
                 )
@@ -451,8 +462,20 @@ class Conversation:
                                     generation.first_text_s = time.monotonic() - started
                                 yield delta
                             if repeats.stopped:
-                                log.warning("reply began to repeat itself; cut after %r", repeats.text[-80:])
                                 break
+                    if repeats.stopped and not repeats.text and avoid is None and self._greeting:
+                        if getattr(self.llm, "supports_avoid_opening", False):
+                            # A small model often answers by copying the one assistant message it
+                            # has seen, its greeting, and then every later reply copies the two.
+                            # Once more, not opening with that word; nothing was said yet.
+                            log.info("reply opened with the greeting again; generating it once more")
+                            avoid, choice = self._greeting[0], None
+                            parser, repeats = StreamingAnswer(), RepeatGuard(earlier=self._greeting)
+                            if text.endswith(SAY_OPENING):
+                                parser.feed(SAY_OPENING)
+                            continue
+                    if repeats.stopped:
+                        log.warning("reply began to repeat itself; cut after %r", repeats.text[-80:])
                     break
                 except ChoiceDiffers:
                     # The model would call a function (raised before any text): generate that.

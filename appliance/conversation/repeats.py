@@ -36,18 +36,34 @@ def _one_word_apart(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     return len(a) == len(b) and sum(x != y for x, y in zip(a, b, strict=True)) == 1
 
 
+def first_sentence(text: str) -> str:
+    """``text`` up to its first sentence end (all of it when there is none)."""
+    end = _SENTENCE_END.search(text + " ")
+    return text[: end.end()].strip() if end is not None else text.strip()
+
+
 class RepeatGuard:
     """Feed the reply's text deltas; pass on what ``feed`` and ``finish`` return. ``stopped`` turns
-    true when the reply began to repeat a sentence of at least ``min_words`` words: stop generating."""
+    true when the reply began to repeat a sentence of at least ``min_words`` words: stop generating.
+    ``earlier``: sentences said before this reply that it may not say again either, its first
+    sentence included (the agent's greeting); the first sentence is then held while it matches one."""
 
-    def __init__(self, *, min_words: int = 3, max_variations: int = 2, variation_min_words: int = 5):
+    def __init__(
+        self,
+        *,
+        min_words: int = 3,
+        max_variations: int = 2,
+        variation_min_words: int = 5,
+        earlier: tuple[str, ...] = (),
+    ):
         self.min_words = min_words
         self.max_variations = max_variations
         self.variation_min_words = variation_min_words
         self._variations = 0
         self.stopped = False
         self.text = ""  # everything passed on
-        self._said: list[tuple[str, ...]] = []  # earlier sentences' words (long enough to count)
+        # Earlier sentences' words (long enough to count).
+        self._said: list[tuple[str, ...]] = [w for w in map(_words, earlier) if len(w) >= min_words]
         self._sentence = ""  # the sentence in progress
         self._passed = 0  # how much of it has been passed on
         self._new = False  # it no longer matches the start of an earlier sentence

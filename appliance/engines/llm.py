@@ -156,6 +156,7 @@ class _Job:
     stop_strings: list[str]
     cache_key: str | None
     background: bool
+    banned_first: npt.NDArray[np.intc] | None = None  # tokens the first one generated may not be
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     finished: asyncio.Event = field(default_factory=asyncio.Event)  # retired: no more work for it
     stop: threading.Event = field(default_factory=threading.Event)
@@ -272,6 +273,7 @@ def tighten_string_chars(gbnf: str) -> str:
 class LlamaLlm:
     supports_grammar = True  # ``stream(grammar=...)`` takes raw GBNF
     supports_choice = True  # ``stream(choice_at=...)``
+    supports_avoid_opening = True  # ``stream(avoid_opening=...)``
     schedules_background = True  # ``stream(background=True)`` yields to urgent generations
 
     def __init__(
@@ -401,6 +403,19 @@ class LlamaLlm:
         tokens: list[int] = self._llama.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
         return tokens
 
+    def _opening_tokens(self, text: str) -> npt.NDArray[np.intc]:
+        """The tokens a text starting with ``text``'s first word could start with: each of that
+        word's prefixes that is a token of its own, with or without a leading space ("C", "Card",
+        " Card", ...). Banning only the one the model chose would let it spell the word another way."""
+        word = text.split()[0] if text.split() else ""
+        found: set[int] = set()
+        for end in range(1, len(word) + 1):
+            for piece in (word[:end], " " + word[:end]):
+                ids = self._llama.tokenize(piece.encode("utf-8"), add_bos=False, special=False)
+                if len(ids) == 1:
+                    found.add(ids[0])
+        return np.array(sorted(found), dtype=np.intc)
+
     def count_tokens(self, text: str) -> int:
         # Tokenising reads only the vocabulary, never the context, so it is safe beside a generation.
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
@@ -466,6 +481,7 @@ class LlamaLlm:
         cache_key: str | None = None,
         background: bool = False,
         choice_at: tuple[int, str, str] | None = None,
+        avoid_opening: str | None = None,
     ) -> AsyncGenerator[str, None]:
         """See ``LlmEngine.stream``. ``grammar``: raw GBNF instead of ``json_schema``.
         ``cache_key`` names the conversation, which then keeps returning to the same slot.
@@ -474,7 +490,8 @@ class LlamaLlm:
         assumption about what the model would write there (``{"say": "`` after ``{"``); the
         greedy choice under ``gbnf`` at that point is checked in the same decode, and if it does
         not start with ``expected`` the stream raises ``ChoiceDiffers`` before any text. One
-        decode instead of two generations."""
+        decode instead of two generations. ``avoid_opening``: the first token generated may not
+        begin the first word of this text (see ``_opening_tokens``)."""
         if json_schema is not None and grammar is not None:
             raise ValueError("give json_schema or grammar, not both")
         if self._closed:
@@ -493,6 +510,8 @@ class LlamaLlm:
             cache_key, background,
         )  # fmt: skip
         job.stats.prompt_tokens = len(tokens)
+        if avoid_opening:
+            job.banned_first = self._opening_tokens(avoid_opening)
         if choice_at is not None:
             offset, check_gbnf, expected = choice_at
             head = self._tokenize(prompt[:offset])
@@ -707,6 +726,7 @@ class LlamaLlm:
                 job.grammar,
                 temp=job.temperature,
                 full_mask=not self.grammar_first,
+                banned_first=job.banned_first,
             )
 
     def _match_threads(self) -> None:
@@ -1014,8 +1034,10 @@ class _GrammarFirstSampler:
         min_p: float = 0.05,
         seed: int | None = None,
         full_mask: bool = False,
+        banned_first: npt.NDArray[np.intc] | None = None,
     ):
         self._vocab = vocab
+        self._banned_first = banned_first if banned_first is not None and banned_first.size else None
         self._n_vocab = n_vocab
         self._grammar: Any = None
         if grammar is not None:
@@ -1069,6 +1091,10 @@ class _GrammarFirstSampler:
 
     def sample(self, logits: npt.NDArray[np.float32]) -> int:
         """The next token from one row of logits (``n_vocab`` floats); the grammar accepts it."""
+        if self._banned_first is not None:
+            logits = logits.copy()  # a view into llama.cpp's buffer
+            logits[self._banned_first] = -np.inf
+            self._banned_first = None
         if self._grammar is not None and self.full_mask:
             logits = self._mask_all(logits)
             if not np.isfinite(logits).any():

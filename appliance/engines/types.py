@@ -73,6 +73,7 @@ class LlmEngine(Protocol):
         cache_key: str | None = None,
         background: bool = False,
         choice_at: tuple[int, str, str] | None = None,
+        avoid_opening: str | None = None,
     ) -> AsyncIterator[str]:
         """Stream text pieces of the completion of a raw (already templated) prompt. With
         ``json_schema`` the output is constrained by a grammar built from it; with ``grammar`` by
@@ -80,7 +81,9 @@ class LlmEngine(Protocol):
         iterator (``aclose`` or cancelling the consumer) stops generation at the next token.
         ``cache_key``: names the conversation, for engines that keep per-conversation prompt caches.
         ``background``: nobody waits for this one (a prewarm); engines may let other work go first.
-        ``choice_at``: see ``LlamaLlm.stream`` (engines with ``supports_choice``)."""
+        ``choice_at``: see ``LlamaLlm.stream`` (engines with ``supports_choice``).
+        ``avoid_opening``: the completion may not begin with this text's first word (engines with
+        ``supports_avoid_opening``)."""
         ...
 
     def format_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:

@@ -652,3 +652,65 @@ async def test_a_further_call_the_caller_did_not_ask_for_is_not_made(
     assert events[-1] == TurnDone("Your order 12345 has shipped and arrives Friday.")
     assert conversation.last_trace.unasked_calls == ["transfer_to_human"]
     assert [item.kind for item in conversation.history] == ["user", "call", "result", "say"]
+
+
+class AvoidingLlm(ChoosingLlm):
+    """A scripted LLM that can be told not to open with a word (``avoid_opening``)."""
+
+    supports_avoid_opening = True
+
+    def __init__(self, outputs: Sequence[str | ChoiceDiffers], **kwargs: Any):
+        super().__init__(outputs, **kwargs)
+        self.avoided: list[str | None] = []
+
+    async def stream(  # type: ignore[override]
+        self, prompt: str, *, avoid_opening: str | None = None, **kwargs: Any
+    ) -> AsyncIterator[str]:
+        self.avoided.append(avoid_opening)
+        async for piece in super().stream(prompt, **kwargs):
+            yield piece
+
+
+GREETING = "Card table line. Which cards do you hold?"
+
+
+async def test_a_reply_that_opens_with_the_greeting_is_generated_again_not_opening_that_way(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = AvoidingLlm([GREETING + '"}', 'You have the five of clubs."}'], piece_size=2)
+    conversation = _conversation(llm, dispatcher, handler.url("/order"), channel="phone")
+    conversation.add_assistant_message(GREETING)
+    events = await _run(conversation, "5 5")
+    # Nothing of the copied greeting was said: its first sentence was held while it matched.
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "You have the five of clubs."
+    assert events[-1] == TurnDone("You have the five of clubs.")
+    assert llm.avoided == [None, "Card table line."]
+    assert llm.choices[1] is None  # the first key was already checked
+    assert llm.prompts[1] == llm.prompts[0] and llm.prompts[1].endswith(SAY_OPENING)
+    assert [item.text for item in conversation.history if item.kind == "say"] == [
+        GREETING,
+        "You have the five of clubs.",
+    ]
+
+
+async def test_the_greetings_later_sentences_and_other_openings_pass_at_once(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = AvoidingLlm(['Which cards do you hold?"}', 'Card tables are open."}'], piece_size=2)
+    conversation = _conversation(llm, dispatcher, handler.url("/order"), channel="phone")
+    conversation.add_assistant_message(GREETING)
+    for reply in ("Which cards do you hold?", "Card tables are open."):
+        events = await _run(conversation, "hmm")
+        assert events[-1] == TurnDone(reply)
+    assert llm.avoided == [None, None]
+
+
+async def test_without_an_engine_that_can_avoid_it_a_copied_greeting_is_not_said(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = ChoosingLlm([GREETING + '"}'], piece_size=2)
+    conversation = _conversation(llm, dispatcher, handler.url("/order"), channel="phone")
+    conversation.add_assistant_message(GREETING)
+    events = await _run(conversation, "5 5")
+    assert not any(isinstance(e, TextDelta) and "Card" in e.text for e in events)
+    assert events[-1] == TurnDone(NOT_UNDERSTOOD)

@@ -256,3 +256,26 @@ async def test_words_read_ahead_leave_only_the_last_words_to_evaluate(
     first = seen[0]
     assert first.cached_tokens >= ahead - 1  # every word read ahead is kept
     assert first.prompt_tokens - first.cached_tokens < 20  # the last words and the template's tail
+
+
+async def test_a_reply_does_not_open_with_the_greeting_again(qwen: Any) -> None:
+    """Qwen2.5-Coder-0.5B answers "5 5" after this greeting by repeating the greeting word for word
+    (and then every later reply too); it must answer the caller instead."""
+    from datetime import UTC, datetime
+
+    from appliance.conversation import AgentConfig
+    from appliance.conversation.engine import NOT_UNDERSTOOD
+    from appliance.simulator.benchkit import PROMPT
+
+    greeting = "Card table line. Which cards do you hold?"
+    for minute in (0, 37):
+        context = ConversationContext(
+            session_id=f"greet-{minute}", channel="phone", from_number="+15550100", to_number="+15550199",
+            now=datetime(2026, 11, 27, 8, minute, tzinfo=UTC),
+        )  # fmt: skip
+        conversation = Conversation(AgentConfig(id="cards", prompt=PROMPT), qwen, context, dispatcher=None)  # type: ignore[arg-type]
+        conversation.add_assistant_message(greeting)
+        done = [e for e in await _run(conversation, "5 5") if isinstance(e, TurnDone)]
+        assert done and done[0].text not in ("", NOT_UNDERSTOOD), done
+        assert not done[0].text.startswith("Card"), done[0].text
+        conversation.end()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.conversation.repeats import RepeatGuard
+from appliance.conversation.repeats import RepeatGuard, first_sentence
 
 LOOP = "He was not ill-disposed. He was a young man who was kind. He was a young man who was kind. He was"
 
@@ -70,3 +70,31 @@ def test_two_sentences_of_the_same_shape_are_not_a_loop() -> None:
     text = "You have the ten of clubs. You have the four of clubs. Is that right?"
     out, guard = feed(text, 3)
     assert not guard.stopped and "".join(out) == text
+
+
+def test_first_sentence_is_cut_at_the_first_sentence_end() -> None:
+    assert first_sentence("Card table line. Which cards do you hold?") == "Card table line."
+    assert first_sentence("Hello there! How are you?") == "Hello there!"
+    assert first_sentence("  No end at all  ") == "No end at all"
+    assert first_sentence("Costs 3.5 dollars. Fine.") == "Costs 3.5 dollars."
+
+
+@pytest.mark.parametrize("step", [1, 4, 200])
+def test_a_reply_may_not_open_with_an_earlier_sentence_it_was_given(step: int) -> None:
+    guard = RepeatGuard(earlier=("Card table line.",))
+    greeting = "Card table line. Which cards do you hold?"
+    out = [guard.feed(greeting[i : i + step]) for i in range(0, len(greeting), step)]
+    out.append(guard.finish())
+    assert guard.stopped and "".join(out) == guard.text == ""  # nothing was passed on
+
+
+def test_an_opening_that_only_starts_like_an_earlier_sentence_is_held_for_the_shared_words() -> None:
+    guard = RepeatGuard(earlier=("Card table line.",))
+    assert guard.feed("Card") == ""  # it may be the greeting again
+    assert guard.feed(" tables") == ""  # "tables" may still be a longer word: not yet known
+    assert guard.feed(" are open. ") == "Card tables are open. "
+    assert not guard.stopped
+    other = RepeatGuard(earlier=("Card table line.",))
+    assert other.feed("You") == ""  # one word: it could still grow
+    assert other.feed(" have") == "You have"  # "You" differs from "Card": out at once
+    assert RepeatGuard(earlier=("Hi there.",)).feed("Hi there. ") == "Hi there. "  # too short to count

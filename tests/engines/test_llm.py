@@ -601,6 +601,20 @@ async def test_a_first_clause_under_way_pauses_for_other_engines_urgent_work_and
     assert 0.15 <= smol.last_stats.yielded_s <= URGENT_MAX_WAIT_S + 0.1, smol.last_stats
 
 
+async def test_a_generation_can_be_told_not_to_open_with_a_word(smol: LlamaLlm) -> None:
+    """``avoid_opening`` bans, for the first token only, every token that could begin that word."""
+    prompt = smol.format_chat(COUNTING)
+    plain = await _collect(smol, prompt, max_tokens=6)
+    assert plain.lstrip().startswith("1")
+    avoided = await _collect(smol, prompt, max_tokens=6, avoid_opening="1 2 3")
+    assert avoided and not avoided.lstrip().startswith("1"), avoided
+    # Every way the word can start, with or without a space before it, and nothing else.
+    opening = smol._opening_tokens("Card table line.")
+    pieces = {smol._piece(int(t)).decode() for t in opening}
+    assert {"C", "Card"} <= pieces or {"C", " Card"} <= pieces, pieces
+    assert all("Card".startswith(p.strip()) and p.strip() for p in pieces), pieces
+
+
 async def test_steps_beside_other_engines_work_use_the_shared_thread_count(
     smol: LlamaLlm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
