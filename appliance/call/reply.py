@@ -24,8 +24,10 @@ ReplyKind = Literal["welcome", "answer", "dtmf", "goodbye"]
 # A later clause's synthesis waits while another call's latency-critical work runs (a transcription,
 # a first clause being generated or synthesized), as long as this much of its reply's audio is still
 # queued ahead of the caller, and for at most DEFER_MAX_S: on a few cores it would slow that work.
-# With that much ahead it may also be abandoned mid-way when such work starts, and redone after it.
+# With that much ahead, and time to synthesize the clause again (Piper here: ~5 ms a character
+# beside other work), it may also be abandoned mid-way when such work starts, and redone after it.
 DEFER_AHEAD_S = 1.0
+REDO_S_PER_CHAR = 0.005
 DEFER_MAX_S = 1.0
 DEFER_POLL_S = 0.02
 
@@ -145,7 +147,8 @@ class Voice:
         if not urgent:
             await self._defer_to_latency_critical_work()
             # Enough audio ahead of the caller to redo it after another call's urgent work.
-            abandonable = self.playout.queued_frames * FRAME_S > DEFER_AHEAD_S
+            ahead_s = self.playout.queued_frames * FRAME_S
+            abandonable = ahead_s > DEFER_AHEAD_S + len(clause) * REDO_S_PER_CHAR
         # aclosing: a cancelled reply must stop the synthesizer's generator now, not at GC time.
         synthesis = self.tts.synthesize(clause, speed=self.speed, urgent=urgent, abandonable=abandonable)
         async with contextlib.aclosing(synthesis) as chunks:  # type: ignore[type-var]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from appliance.call.clock import VirtualClock
-from appliance.call.playout import FRAME_BYTES, Playout
-from appliance.call.reply import DEFER_MAX_S, Reply, Voice
+from appliance.call.playout import FRAME_BYTES, FRAME_S, Playout
+from appliance.call.reply import DEFER_AHEAD_S, DEFER_MAX_S, REDO_S_PER_CHAR, Reply, Voice
 from appliance.engines.priority import CPU
 
 from .fakes import RecordingSink, ScriptedTts
@@ -35,8 +35,15 @@ async def test_a_later_clause_waits_while_urgent_work_runs_and_audio_is_queued_a
         assert tts.spoken == []  # put off: three seconds of this reply are still to be heard
     await asyncio.wait_for(speaking, 1.0)
     assert tts.spoken == ["and the second one."] and tts.urgent == [False]
-    # With that much ahead, it may also be stopped for urgent work mid-way and redone after it.
+    # With that much ahead, it may also be stopped for urgent work mid-way and redone after it...
     assert tts.abandonable == [True]
+    # ...unless redoing it could outlast the audio ahead (a long clause takes long to synthesize).
+    long_clause = "and then a very long clause " * 20
+    ahead_s = playout.queued_frames * FRAME_S
+    assert DEFER_AHEAD_S + len("and the second one.") * REDO_S_PER_CHAR < ahead_s
+    assert DEFER_AHEAD_S + len(long_clause) * REDO_S_PER_CHAR > ahead_s
+    await asyncio.wait_for(voice.speak(reply, long_clause), 1.0)
+    assert tts.abandonable == [True, False]
 
 
 async def test_no_wait_when_little_audio_is_ahead_or_nothing_urgent_and_never_unbounded() -> None:
