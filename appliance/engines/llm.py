@@ -84,8 +84,10 @@ BATCH_TOKENS = 512
 BACKGROUND_PROMPT_CHUNK = 32
 # The most of an urgent prompt read in one step while another urgent generation is writing its first
 # clause: on a 2-core CPU the 0.5B model reads 60-90 prompt tokens/s, so a 512-token step would hold
-# that reply's next token for 6-8 s; 32 tokens cost ~0.4 s, and the reader's total time is the same.
-URGENT_PROMPT_CHUNK = 32
+# that reply's next token for 6-8 s. 16 tokens cost ~0.2 s (32: ~0.4 s), for ~12% more reading time:
+# at level 4 (bench_load, three alternating pairs) p95 3.43 / 2.70 / 3.10 s with 32, 3.12 / 2.56 /
+# 2.45 s with 16.
+URGENT_PROMPT_CHUNK = 16
 # A shared prefix shorter than this is cheaper to evaluate than to bring over from another slot.
 MIN_SHARED_PREFIX = 16
 # Conversations whose first prompt's length is remembered (see ``LlamaLlm.release``).
