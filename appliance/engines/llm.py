@@ -409,7 +409,8 @@ class LlamaLlm:
         """The tokens a text starting with ``text``'s first word could start with: each of that
         word's prefixes that is a token of its own, with or without a leading space ("C", "Card",
         " Card", ...). Banning only the one the model chose would let it spell the word another way."""
-        word = text.split()[0] if text.split() else ""
+        words = text.split()
+        word = words[0] if words else ""
         found: set[int] = set()
         for end in range(1, len(word) + 1):
             for piece in (word[:end], " " + word[:end]):
