@@ -6,9 +6,11 @@ the history and the model asked again, up to ``max_calls_per_turn``. Built-ins (
 ``transfer_call``) come out as events for the call layer. Closing the event stream at any point
 stops generation at once; a call that was not dispatched yet is never sent.
 
-Speech passes a ``RepeatGuard``: a reply that starts saying a sentence again stops there, and one
-that opens with the greeting's first sentence (a small model copies the one assistant message it
-has seen) is generated again, not opening with that word, before anything of it is said.
+Speech passes a ``RepeatGuard``: a reply that starts saying a sentence again stops there. A small
+model often answers by copying the one assistant message it has seen, the greeting: a reply may not
+open with the greeting's first word when replies seldom open with it ("Card", "Hello"), and one
+that opens with the greeting's first sentence anyway is generated again, not opening with that
+word, before anything of it is said.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Protocol, cast
 from ..engines.types import ChoiceDiffers, LlmEngine
 from .dispatch import Dispatcher
 from .prompt import HistoryItem, build_prompt, clock, few_shot, system_message, turn_groups
-from .repeats import RepeatGuard, first_sentence
+from .repeats import RepeatGuard, distinctive_opening, first_sentence
 from .results import mentions_result, read_result, result_words
 from .tools import (
     BUILTINS,
@@ -422,6 +424,11 @@ class Conversation:
         started = time.monotonic()
         finished = False
         avoid: str | None = None
+        if speech and self._greeting and distinctive_opening(self._greeting[0]):
+            if getattr(self.llm, "supports_avoid_opening", False):
+                # Banned from the start, not only once a copy is complete: generating the copied
+                # sentence first costs its ~6 tokens, 0.3 s alone and 0.5-2 s beside other calls.
+                avoid = self._greeting[0]
         try:
             text, grammar, choice = prompt.text, None, None
             if speech and getattr(self.llm, "supports_grammar", False):
@@ -439,7 +446,7 @@ class Conversation:
                     if fused:
                         choice = (len(prompt.text) + len(KEY_OPENING), FIRST_KEY_GRAMMAR, "s")
                 else:
-                    schema = function_choice_schema(allowed)
+                    schema, avoid = function_choice_schema(allowed), None
             while True:
                 options: dict[str, Any] = self._cache_options()
                 options.update({"grammar": grammar} if grammar is not None else {"json_schema": schema})
@@ -481,6 +488,7 @@ class Conversation:
                     # The model would call a function (raised before any text): generate that.
                     generation.first_key, parser = "name", StreamingAnswer()
                     text, grammar, schema, choice = prompt.text, None, function_choice_schema(allowed), None
+                    avoid = None
             rest = repeats.finish()
             if rest:
                 yield rest

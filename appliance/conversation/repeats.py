@@ -36,6 +36,24 @@ def _one_word_apart(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     return len(a) == len(b) and sum(x != y for x, y in zip(a, b, strict=True)) == 1
 
 
+# Words a reply may well open with whatever was said before it ("You have ...", "Sure, ..."). A
+# greeting opening with one of them is only caught when its whole first sentence comes again.
+_COMMON_OPENINGS = frozenset(
+    "a an the i i'm i'll i've i'd you you're you've you'll we we're we've we'll it it's this that "
+    "these those there here he she they my your our his her their its yes no yeah sure okay ok "
+    "alright right well so now then of certainly absolutely great perfect got let let's please "
+    "sorry what which who how when where why can could would will do does did is are was were "
+    "have has had".split()
+)
+
+
+def distinctive_opening(sentence: str) -> bool:
+    """``sentence`` opens with a word a reply seldom opens with ("Card table line.", "Hello!",
+    "Thank you for calling"), so that a reply opening with it is the sentence said again."""
+    words = _words(sentence)
+    return bool(words) and words[0] not in _COMMON_OPENINGS
+
+
 def first_sentence(text: str) -> str:
     """``text`` up to its first sentence end (all of it when there is none)."""
     end = _SENTENCE_END.search(text + " ")

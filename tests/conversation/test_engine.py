@@ -672,23 +672,49 @@ class AvoidingLlm(ChoosingLlm):
 
 
 GREETING = "Card table line. Which cards do you hold?"
+# Replies often open with "You": only a copy of the whole first sentence is caught.
+PLAIN_GREETING = "You have reached the card table. Which cards do you hold?"
+
+
+async def test_a_reply_may_not_open_with_a_distinctive_greeting_word_from_the_start(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = AvoidingLlm(['You have the five of clubs."}'], piece_size=2)
+    conversation = _conversation(llm, dispatcher, handler.url("/order"), channel="phone")
+    conversation.add_assistant_message(GREETING)
+    events = await _run(conversation, "5 5")
+    assert events[-1] == TurnDone("You have the five of clubs.")
+    assert llm.avoided == ["Card table line."]  # one generation, told at once
+    assert llm.choices[0] is not None  # the first key is still checked in the same decode
+
+
+async def test_a_reply_that_copies_a_distinctive_greeting_anyway_is_not_said(
+    dispatcher: HttpDispatcher, handler: HandlerServer
+) -> None:
+    llm = AvoidingLlm([GREETING + '"}'], piece_size=2)
+    conversation = _conversation(llm, dispatcher, handler.url("/order"), channel="phone")
+    conversation.add_assistant_message(GREETING)
+    events = await _run(conversation, "5 5")
+    assert not any(isinstance(e, TextDelta) and "Card" in e.text for e in events)
+    assert events[-1] == TurnDone(NOT_UNDERSTOOD)
+    assert llm.avoided == ["Card table line."]  # already avoided: not generated again
 
 
 async def test_a_reply_that_opens_with_the_greeting_is_generated_again_not_opening_that_way(
     dispatcher: HttpDispatcher, handler: HandlerServer
 ) -> None:
-    llm = AvoidingLlm([GREETING + '"}', 'You have the five of clubs."}'], piece_size=2)
+    llm = AvoidingLlm([PLAIN_GREETING + '"}', 'You have the five of clubs."}'], piece_size=2)
     conversation = _conversation(llm, dispatcher, handler.url("/order"), channel="phone")
-    conversation.add_assistant_message(GREETING)
+    conversation.add_assistant_message(PLAIN_GREETING)
     events = await _run(conversation, "5 5")
     # Nothing of the copied greeting was said: its first sentence was held while it matched.
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "You have the five of clubs."
     assert events[-1] == TurnDone("You have the five of clubs.")
-    assert llm.avoided == [None, "Card table line."]
+    assert llm.avoided == [None, "You have reached the card table."]
     assert llm.choices[1] is None  # the first key was already checked
     assert llm.prompts[1] == llm.prompts[0] and llm.prompts[1].endswith(SAY_OPENING)
     assert [item.text for item in conversation.history if item.kind == "say"] == [
-        GREETING,
+        PLAIN_GREETING,
         "You have the five of clubs.",
     ]
 
@@ -696,10 +722,10 @@ async def test_a_reply_that_opens_with_the_greeting_is_generated_again_not_openi
 async def test_the_greetings_later_sentences_and_other_openings_pass_at_once(
     dispatcher: HttpDispatcher, handler: HandlerServer
 ) -> None:
-    llm = AvoidingLlm(['Which cards do you hold?"}', 'Card tables are open."}'], piece_size=2)
+    llm = AvoidingLlm(['Which cards do you hold?"}', 'You have reached it."}'], piece_size=2)
     conversation = _conversation(llm, dispatcher, handler.url("/order"), channel="phone")
-    conversation.add_assistant_message(GREETING)
-    for reply in ("Which cards do you hold?", "Card tables are open."):
+    conversation.add_assistant_message(PLAIN_GREETING)
+    for reply in ("Which cards do you hold?", "You have reached it."):
         events = await _run(conversation, "hmm")
         assert events[-1] == TurnDone(reply)
     assert llm.avoided == [None, None]

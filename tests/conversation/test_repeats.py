@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.conversation.repeats import RepeatGuard, first_sentence
+from appliance.conversation.repeats import RepeatGuard, distinctive_opening, first_sentence
 
 LOOP = "He was not ill-disposed. He was a young man who was kind. He was a young man who was kind. He was"
 
@@ -77,6 +77,26 @@ def test_first_sentence_is_cut_at_the_first_sentence_end() -> None:
     assert first_sentence("Hello there! How are you?") == "Hello there!"
     assert first_sentence("  No end at all  ") == "No end at all"
     assert first_sentence("Costs 3.5 dollars. Fine.") == "Costs 3.5 dollars."
+
+
+@pytest.mark.parametrize(
+    ("sentence", "distinctive"),
+    [
+        ("Card table line.", True),
+        ("Hello!", True),
+        ("Thank you for calling Acme.", True),
+        ("Acme support, this is Anna.", True),
+        ("You have reached Acme.", False),  # "You have the ten of clubs." is a fine reply
+        ("I'm Anna from Acme.", False),
+        ("Sure, let's start.", False),
+        ("The card table is open.", False),
+        ("", False),
+    ],
+)
+def test_a_greeting_opening_is_distinctive_unless_replies_often_open_that_way(
+    sentence: str, distinctive: bool
+) -> None:
+    assert distinctive_opening(sentence) is distinctive
 
 
 @pytest.mark.parametrize("step", [1, 4, 200])
