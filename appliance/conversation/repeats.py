@@ -50,7 +50,7 @@ _COMMON_OPENINGS = frozenset(
 def distinctive_opening(sentence: str) -> bool:
     """``sentence`` opens with a word a reply seldom opens with ("Card table line.", "Hello!",
     "Thank you for calling"), so that a reply opening with it is the sentence said again."""
-    words = _words(sentence)
+    words = _words(sentence.replace("’", "'"))
     return bool(words) and words[0] not in _COMMON_OPENINGS
 
 

@@ -88,6 +88,7 @@ def test_first_sentence_is_cut_at_the_first_sentence_end() -> None:
         ("Acme support, this is Anna.", True),
         ("You have reached Acme.", False),  # "You have the ten of clubs." is a fine reply
         ("I'm Anna from Acme.", False),
+        ("I’m Anna from Acme.", False),
         ("Sure, let's start.", False),
         ("The card table is open.", False),
         ("", False),
