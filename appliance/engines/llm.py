@@ -24,6 +24,9 @@ A background step that reads prompt (a prewarm, words read ahead: up to ``BACKGR
 tokens, ~0.4 s on 2 cores) is abandoned when a generation someone waits for arrives or another
 engine starts urgent work (``_abort_background``): llama.cpp drops the cells it wrote and the
 prewarm reads that chunk again later. Never two steps in a row, so background work cannot starve.
+A step whose work nobody wants any more is stopped the same way, whenever it runs: every generation
+in it stopped (a reply cut off, a read-ahead withdrawn), or a prewarm whose own conversation's reply
+arrives and takes its slot.
 
 Generations reading the same prompt prefix at once (calls to the same agent starting together) do not
 compute it side by side: a background one waits while another reads ahead, and any one still reading
@@ -340,9 +343,12 @@ class LlamaLlm:
             flag = ctypes.cast(self._abort_flag, ctypes.c_void_p)
             llama_cpp.llama_set_abort_callback(self._ctx.ctx, self._abort_check, flag)
         self._abortable_step = False  # the step under way may be abandoned
-        self._abort_lock = threading.Lock()  # the flag is only ever set during such a step
+        self._step_jobs: list[_Job] = []  # the generations in the step under way
+        self._wasted_step = False  # the step under way was stopped because nobody wants its work
+        self._abort_lock = threading.Lock()  # the flag is only ever set during a step
         self._aborted_last = False
         self.abandoned = 0  # background prompt steps abandoned for urgent work, and read again later
+        self.wasted_steps = 0  # steps stopped because every generation in them was stopped
         self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._slots = [_Slot(seq_id=i) for i in range(max(1, slots))]
         self._pieces: dict[int, bytes] = {}
@@ -529,7 +535,7 @@ class LlamaLlm:
                 self._replies_submitted += 1
             self._wake.notify()
         if not background:
-            self._abort_background()
+            self._abort_background(cache_key)
             CPU.nudge()  # the scheduler may be yielding to other engines: a caller waits for this
         try:
             while True:
@@ -545,6 +551,7 @@ class LlamaLlm:
                 yield str(item)
         finally:
             job.stop.set()
+            self._abort_background(None)  # a step only this one was in would now be wasted
             with self._wake:
                 if job in self._waiting:  # never started: nothing to stop
                     self._waiting.remove(job)
@@ -555,11 +562,21 @@ class LlamaLlm:
             # for one step at most and no tokens are computed for it once we return.
             await job.finished.wait()
 
-    def _abort_background(self) -> None:
-        """Someone waits now: abandon the background prompt step under way, if one is (any thread)."""
+    def _abort_background(self, arriving: str | None = None) -> None:
+        """Someone waits now: abandon the background prompt step under way, if one is (any thread).
+        Also any step whose work nobody wants any more: each of its generations stopped (a reply
+        cut off, a read-ahead withdrawn) or about to give its slot to the reply of its own
+        conversation that is ``arriving``. Those are stopped even right after an abandoned step,
+        and even when urgent: the waiting reply would otherwise sit out 0.2-0.5 s of reading."""
         with self._abort_lock:
             if self._abortable_step:
                 self._abort_flag[0] = b"\x01"
+            elif self._step_jobs and all(
+                j.stop.is_set() or (j.background and arriving is not None and j.cache_key == arriving)
+                for j in self._step_jobs
+            ):
+                self._abort_flag[0] = b"\x01"
+                self._wasted_step = True
 
     def release(self, cache_key: str) -> None:
         """The conversation ``cache_key`` is over: its slot is the first to go to a new conversation,
@@ -811,14 +828,22 @@ class LlamaLlm:
         with self._abort_lock:
             self._abort_flag[0] = b"\x00"
             self._abortable_step = abortable
+            self._step_jobs = [job for job, _, _ in plan] if self._abort_check is not None else []
+            self._wasted_step = False
         # A reply submitted from here on raises the flag; one submitted before is seen here.
         if abortable and self._new_reply():
             with self._abort_lock:
                 self._abortable_step = False
+                self._step_jobs = []
             return  # admit it first
         code = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
         with self._abort_lock:
             self._abortable_step = False
+            self._step_jobs = []
+            wasted = self._wasted_step
+        if code == 2 and wasted:  # nobody wanted it: its generations are retired next, not redone
+            self.wasted_steps += 1
+            return
         self._aborted_last = code == 2
         if self._aborted_last:  # abandoned: llama.cpp removed its cells, every job keeps its tokens
             self.abandoned += 1

@@ -727,6 +727,54 @@ async def test_a_reply_arriving_during_a_prewarms_prompt_step_abandons_that_step
     assert re.match(r"\s*1\W+2\W+3", counted), counted
 
 
+async def test_a_reply_stops_its_own_conversations_background_step_even_right_after_an_abandoned_one(
+    qwen: LlamaLlm, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Background steps are abandoned for urgent work never twice in a row (so they cannot starve).
+    But a read-ahead whose own reply arrives is about to give that reply its slot anyway: its step
+    under way is stopped at once, not sat out (0.2-0.4 s here), and the cells stay right."""
+    chat = [{"role": "system", "content": _rules("the ticket office of a ferry port", 15)}, COUNTING[1]]
+    prompt = qwen.format_chat(chat)
+    assert qwen.count_tokens(prompt) > 150  # several 32-token background steps
+    caplog.set_level(logging.INFO, logger=llm_module.log.name)
+    prewarm = asyncio.create_task(_prewarm(qwen, prompt, cache_key="ferry"))
+    await _until_running(qwen)
+    await asyncio.sleep(0.1)
+    abandoned, wasted = qwen.abandoned, qwen.wasted_steps
+    with CPU.urgent():  # another engine's urgent work: the step under way is abandoned...
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)  # ...and the next one, under way now, may not be abandoned for such work
+    assert qwen.abandoned == abandoned + 1
+    counted = await _collect(qwen, prompt, max_tokens=12, cache_key="ferry")
+    assert qwen.wasted_steps == wasted + 1
+    assert await prewarm == ""
+    runs = _logged_generations(caplog)
+    assert [r.finish for r in runs] == ["cancelled", "length"], runs
+    assert runs[1].queued_ms < 150, runs  # the rest of a 32-token step would be 200-400 ms
+    assert re.match(r"\s*1\W+2\W+3", counted), counted  # its cells read on correctly
+
+
+async def test_a_step_whose_generations_all_stopped_is_stopped_too(qwen: LlamaLlm) -> None:
+    """A reply cut off while it reads a long prompt (one step of up to 512 tokens, seconds on a CPU)
+    returns at once instead of at the end of that step, and its conversation reads on correctly."""
+    system = _rules("the lost property desk of a railway station", 30)
+    chat = [{"role": "system", "content": system}, COUNTING[1]]
+    prompt = qwen.format_chat(chat)
+    assert qwen.count_tokens(prompt) > 300
+    wasted = qwen.wasted_steps
+    reply = asyncio.create_task(_collect(qwen, prompt, max_tokens=4, cache_key="lost"))
+    await _until_running(qwen)
+    await asyncio.sleep(0.3)  # inside its prompt step: ~3 s at 100 tokens/s
+    cut = time.monotonic()
+    reply.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reply
+    assert time.monotonic() - cut < 0.5
+    assert qwen.wasted_steps == wasted + 1
+    counted = await _collect(qwen, prompt, max_tokens=12, cache_key="lost")
+    assert re.match(r"\s*1\W+2\W+3", counted), counted
+
+
 async def test_an_urgent_generation_takes_a_prewarms_slot_instead_of_waiting(
     one_slot: LlamaLlm, caplog: pytest.LogCaptureFixture
 ) -> None:
