@@ -348,7 +348,7 @@ class LlamaLlm:
         self._abort_lock = threading.Lock()  # the flag is only ever set during a step
         self._aborted_last = False
         self.abandoned = 0  # background prompt steps abandoned for urgent work, and read again later
-        self.wasted_steps = 0  # steps stopped because every generation in them was stopped
+        self.wasted_steps = 0  # steps stopped because nobody wanted their work (``_abort_background``)
         self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._slots = [_Slot(seq_id=i) for i in range(max(1, slots))]
         self._pieces: dict[int, bytes] = {}
