@@ -443,8 +443,11 @@ class SimulatedCall:
                 utt.turn.speech_onset_ms = now
             if utt.barge is not None:
                 utt.barge.onset_ms = now
-        if index == utt.last_voiced and utt.turn is not None:
-            utt.turn.last_voiced_ms = now
+        if index == utt.last_voiced:
+            if utt.turn is not None:
+                utt.turn.last_voiced_ms = now
+            if utt.barge is not None:
+                utt.barge.last_voiced_ms = now
         if index == len(utt.frames) - 1:
             if utt.turn is not None:
                 utt.turn.ended_ms = now
@@ -551,8 +554,8 @@ class SimulatedCall:
         r.segments = agent_segments(self._played_ticks, self._tick_ms, self.o.merge_gap_ms)
         for barge in r.barge_ins:
             if barge.onset_ms is not None:
-                barge.audio_stopped_ms, barge.resumed_ms = stop_and_resume(
-                    self._played_ticks, self._tick_ms, barge.onset_ms
+                barge.audio_stopped_ms, barge.resumed_ms, barge.stops_broken = stop_and_resume(
+                    self._played_ticks, self._tick_ms, barge.onset_ms, barge.last_voiced_ms
                 )
             stops = [t for t in (barge.clear_audio_ms, barge.audio_stopped_ms) if t is not None]
             if barge.onset_ms is not None and stops:

@@ -43,6 +43,8 @@ class BargeIn:
     resumed_ms: float | None = None
     reaction_ms: float | None = None
     cleared: bool = False
+    last_voiced_ms: float | None = None
+    stops_broken: int = 0  # times the agent stopped, then played on while the caller still talked
 
 
 @dataclass
@@ -90,16 +92,28 @@ class CallResult:
 
 
 def stop_and_resume(
-    played: bytearray, tick_ms: list[float], onset_ms: float
-) -> tuple[float | None, float | None]:
-    """First tick after onset where agent audio stops for STOP_TICKS in a row (a one-frame underrun
-    from server jitter is not a stop), and the first tick it plays again after that."""
-    start = next((i for i, t in enumerate(tick_ms) if t >= onset_ms), len(tick_ms))
-    for i in range(start, len(played)):
-        if not any(played[i : i + STOP_TICKS]) and i + STOP_TICKS <= len(played):
-            resumed = next((j for j in range(i + STOP_TICKS, len(played)) if played[j]), None)
-            return tick_ms[i], (tick_ms[resumed] if resumed is not None else None)
-    return None, None
+    played: bytearray, tick_ms: list[float], onset_ms: float, until_ms: float | None = None
+) -> tuple[float | None, float | None, int]:
+    """When the agent stopped for the caller who began at ``onset_ms``, and when it played again.
+
+    A stop is STOP_TICKS silent ticks in a row (a one-frame underrun from server jitter is not a
+    stop). The stop that counts is the first one after which the agent stays silent until
+    ``until_ms`` (the caller's last voiced frame; ``None``: the first stop counts). A stop the agent
+    broke while the caller was still talking (a pause on a breath, then more of the old reply) is
+    what the caller heard as the agent talking over them: such stops are counted, not timed.
+    Returns ``(stopped, resumed, stops_broken)``."""
+    i = next((k for k, t in enumerate(tick_ms) if t >= onset_ms), len(tick_ms))
+    broken = 0
+    while i + STOP_TICKS <= len(played):
+        if any(played[i : i + STOP_TICKS]):
+            i += 1
+            continue
+        resumed = next((j for j in range(i + STOP_TICKS, len(played)) if played[j]), None)
+        if resumed is None or until_ms is None or tick_ms[resumed] > until_ms:
+            return tick_ms[i], (tick_ms[resumed] if resumed is not None else None), broken
+        broken += 1
+        i = resumed
+    return None, None, broken
 
 
 def agent_segments(played: bytearray, tick_ms: list[float], merge_gap_ms: int) -> list[Segment]:
