@@ -423,12 +423,12 @@ class Conversation:
         repeats = RepeatGuard(earlier=self._greeting)
         started = time.monotonic()
         finished = False
+        can_avoid = getattr(self.llm, "supports_avoid_opening", False)
         avoid: str | None = None
-        if speech and self._greeting and distinctive_opening(self._greeting[0]):
-            if getattr(self.llm, "supports_avoid_opening", False):
-                # Banned from the start, not only once a copy is complete: generating the copied
-                # sentence first costs its ~6 tokens, 0.3 s alone and 0.5-2 s beside other calls.
-                avoid = self._greeting[0]
+        if speech and can_avoid and self._greeting and distinctive_opening(self._greeting[0]):
+            # Banned from the start, not only once a copy is complete: generating the copied
+            # sentence first costs its ~6 tokens, 0.3 s alone and 0.5-2 s beside other calls.
+            avoid = self._greeting[0]
         try:
             text, grammar, choice = prompt.text, None, None
             if speech and getattr(self.llm, "supports_grammar", False):
@@ -470,17 +470,17 @@ class Conversation:
                                 yield delta
                             if repeats.stopped:
                                 break
-                    if repeats.stopped and not repeats.text and avoid is None and self._greeting:
-                        if getattr(self.llm, "supports_avoid_opening", False):
-                            # A small model often answers by copying the one assistant message it
-                            # has seen, its greeting, and then every later reply copies the two.
-                            # Once more, not opening with that word; nothing was said yet.
-                            log.info("reply opened with the greeting again; generating it once more")
-                            avoid, choice = self._greeting[0], None
-                            parser, repeats = StreamingAnswer(), RepeatGuard(earlier=self._greeting)
-                            if text.endswith(SAY_OPENING):
-                                parser.feed(SAY_OPENING)
-                            continue
+                    copied = repeats.stopped and not repeats.text
+                    if copied and avoid is None and can_avoid and self._greeting:
+                        # A small model often answers by copying the one assistant message it has
+                        # seen, its greeting, and then every later reply copies the two. Once more,
+                        # not opening with that word; nothing was said yet.
+                        log.info("reply opened with the greeting again; generating it once more")
+                        avoid, choice = self._greeting[0], None
+                        parser, repeats = StreamingAnswer(), RepeatGuard(earlier=self._greeting)
+                        if text.endswith(SAY_OPENING):
+                            parser.feed(SAY_OPENING)
+                        continue
                     if repeats.stopped:
                         log.warning("reply began to repeat itself; cut after %r", repeats.text[-80:])
                     break

@@ -569,14 +569,16 @@ class LlamaLlm:
         conversation that is ``arriving``. Those are stopped even right after an abandoned step,
         and even when urgent: the waiting reply would otherwise sit out 0.2-0.5 s of reading."""
         with self._abort_lock:
-            if self._abortable_step:
-                self._abort_flag[0] = b"\x01"
-            elif self._step_jobs and all(
+            # Unwanted first: a background step that is also unwanted is not redone, so it is not
+            # counted as abandoned and does not withhold the next abandon.
+            if self._step_jobs and all(
                 j.stop.is_set() or (j.background and arriving is not None and j.cache_key == arriving)
                 for j in self._step_jobs
             ):
                 self._abort_flag[0] = b"\x01"
                 self._wasted_step = True
+            elif self._abortable_step:
+                self._abort_flag[0] = b"\x01"
 
     def release(self, cache_key: str) -> None:
         """The conversation ``cache_key`` is over: its slot is the first to go to a new conversation,

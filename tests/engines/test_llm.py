@@ -775,6 +775,25 @@ async def test_a_step_whose_generations_all_stopped_is_stopped_too(qwen: LlamaLl
     assert re.match(r"\s*1\W+2\W+3", counted), counted
 
 
+async def test_a_withdrawn_background_step_is_stopped_as_unwanted_not_abandoned(qwen: LlamaLlm) -> None:
+    """A prewarm withdrawn while it reads its prompt is stopped at once and not counted as abandoned
+    background work: it will not be read again, and the next background step may still be abandoned
+    for a reply."""
+    await _collect(qwen, qwen.format_chat(COUNTING), max_tokens=2)  # the last step was not abandoned
+    prompt = qwen.format_chat([{"role": "system", "content": _rules("a ferry ticket office", 30)}])
+    assert qwen.count_tokens(prompt) > 300
+    wasted, abandoned = qwen.wasted_steps, qwen.abandoned
+    prewarm = asyncio.create_task(_prewarm(qwen, prompt, cache_key="ferry"))
+    await _until_running(qwen)
+    await asyncio.sleep(0.3)  # inside its prompt step
+    cut = time.monotonic()
+    prewarm.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await prewarm
+    assert time.monotonic() - cut < 0.5
+    assert (qwen.wasted_steps, qwen.abandoned) == (wasted + 1, abandoned)
+
+
 async def test_an_urgent_generation_takes_a_prewarms_slot_instead_of_waiting(
     one_slot: LlamaLlm, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -848,14 +867,23 @@ async def test_a_turn_takes_over_its_own_conversations_prewarm(
     preempted = smol.preempted
     prewarm = asyncio.create_task(_prewarm(smol, prefix, cache_key="clerk"))
     await _until_running(smol)
-    await asyncio.sleep(0.05)
+    # Until the prewarm has read a first chunk beyond what its slot held: then there is work to keep.
+    held = read = -1
+    for _ in range(400):
+        read = next((len(s.tokens) for s in smol._slots if s.owner == "clerk"), -1)
+        if held < 0:
+            held = read
+        elif read > held:
+            break
+        await asyncio.sleep(0.005)
+    assert read > held >= 0
     assert await _collect(smol, turn, max_tokens=4, cache_key="clerk")
     await prewarm
     runs = _logged_generations(caplog)
     assert [r.finish for r in runs] == ["cancelled", "length"], runs
     assert smol.preempted == preempted + 1
     # The turn kept what the prewarm had read, in the same slot (kept, not copied).
-    assert runs[1].cached >= runs[0].cached > 0 and runs[1].copied == 0, runs
+    assert runs[1].cached >= read > runs[0].cached and runs[1].copied == 0, runs
 
 
 async def test_a_long_prompt_is_read_in_chunks_while_another_reply_writes_its_first_clause(
