@@ -7,7 +7,8 @@ word boundary when it grows past ``max_chars`` (a run-on reply must not hold bac
 With ``first_phrase_words`` the first clause may also end before a word where speakers naturally
 phrase ("is", "and", "with", "because", ...; "the", "your" after a verb) once it has that many words:
 the caller waits in silence for it, and on a CPU each further word of a 0.5B model's reply costs
-~40 ms, and each further word of its synthesis ~20 ms.
+~40 ms, and each further word of its synthesis ~20 ms. A first clause with no such place
+``first_clause_max_words`` words in ends before its next word that nothing binds to.
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ _NUMBER_WORD = frozenset(
     "thousand million".split()
 )
 _WORD = re.compile(r"\S+")
+# A first clause with no phrase start ``first_clause_max_words`` words in is cut before its next free
+# word ("He might have been made | amiable himself."): the caller waits in silence for every word of
+# it, and beside other calls on a CPU each costs 0.1-0.25 s (a small model echoing a long sentence).
+# Not before a word that belongs with the one before it ("ten | of clubs", "pick | up",
+# "help | you").
+_BINDS_PREVIOUS = frozenset(
+    "of to up down out off away back me you him her it us them myself yourself himself herself itself "
+    "ourselves themselves".split()
+)
 # After a first clause cut at a phrase start, the second may end at one too once it has this many words.
 SECOND_PHRASE_WORDS = 4
 # Known text (a welcome, a goodbye) has no generation to wait for: short openings ("Hello,") stay
@@ -65,11 +75,13 @@ class ClauseChunker:
         max_chars: int = 180,
         first_min_chars: int = 4,
         first_phrase_words: int = 0,
+        first_clause_max_words: int = 0,
         token_deltas: bool = False,
     ):
         self.min_clause_chars = min_clause_chars
         self.first_min_chars = first_min_chars
         self.first_phrase_words = first_phrase_words
+        self.first_clause_max_words = first_clause_max_words
         # Each pushed delta ends at an LLM token boundary. A lowercase word that ends a delta is
         # then complete: BPE vocabularies hold common words whole (" these", " there" are tokens of
         # their own), so " the" is not followed by "se". Measured on Qwen2.5's tokenizer over 72k
@@ -162,11 +174,16 @@ class ClauseChunker:
             opening = word.group().lower()
             if opening in _PHRASE_START:
                 return word.start()
+            free = before not in _BINDS_NOUN_PHRASE and question_at >= k  # no question word before it
+            number = _is_number(_bare(opening))
+            if free and (opening in _NOUN_PHRASE_START or number) and not _is_number(before):
+                return word.start()
+            long_first = self._emitted == 0 and 0 < self.first_clause_max_words <= k
             if (
-                (opening in _NOUN_PHRASE_START or _is_number(_bare(opening)))
-                and before not in _BINDS_NOUN_PHRASE
-                and not _is_number(before)
-                and question_at >= k  # no question word before it
+                free
+                and long_first
+                and _bare(opening) not in _BINDS_PREVIOUS
+                and not (number and _is_number(before))
             ):
                 return word.start()
         return None

@@ -196,7 +196,7 @@ class CallManager:
             pause_ms=cs.pause_ms, quick_pause_ms=cs.quick_pause_ms,
             smart_end_of_turn=cs.smart_end_of_turn, speculative=cs.speculative,
             speculate_within_ms=cs.speculate_within_ms, read_ahead_ms=cs.read_ahead_ms,
-            first_phrase_words=cs.first_phrase_words,
+            first_phrase_words=cs.first_phrase_words, first_clause_max_words=cs.first_clause_max_words,
             tts_speed=greeting.speed, language=stt.get("language") or "en",
         )  # fmt: skip
         rest = self.rest_for(account)

@@ -141,6 +141,8 @@ class SessionConfig:
     # The first clause of a generated reply may end before a phrase-opening word once it has this
     # many words (see ``ClauseChunker``); 0: at punctuation only.
     first_phrase_words: int = 2
+    # ...and before any word nothing binds to once it has this many words (0: never).
+    first_clause_max_words: int = 5
     goodbye_message: str = "Goodbye."
     timeout_message: str = "I'm sorry, we have reached the time limit for this call. Goodbye."
 
@@ -786,7 +788,11 @@ class CallSession:
         the rest is still being generated."""
         assert reply.input_text is not None
         clauses: asyncio.Queue[str | None] = asyncio.Queue(maxsize=32)
-        chunker = ClauseChunker(first_phrase_words=self.config.first_phrase_words, token_deltas=True)
+        chunker = ClauseChunker(
+            first_phrase_words=self.config.first_phrase_words,
+            first_clause_max_words=self.config.first_clause_max_words,
+            token_deltas=True,
+        )
         timings = reply.timings
 
         async def think() -> None:

@@ -194,3 +194,44 @@ def test_no_cut_right_after_a_copula_or_modal() -> None:
         clauses = [c for _, c in feed(text, first_phrase_words=2)]
         assert not any(c.split()[-1] in ("is", "can") for c in clauses[:-1]), clauses
     assert [c for _, c in feed("The ten of clubs is a card.", first_phrase_words=2)][0] == "The ten of clubs"
+
+
+def test_a_long_first_clause_with_no_phrase_start_is_cut_before_a_free_word() -> None:
+    # An echoed sentence has no phrase start: it is cut once five words are in, before a word that
+    # nothing before it binds to.
+    ch = ClauseChunker(first_phrase_words=2, first_clause_max_words=5, token_deltas=True)
+    pieces = ["He", " might", " have", " been", " made", " amiable", " himself", "."]
+    emitted = [(i, c) for i, p in enumerate(pieces) for c in ch.push(p)]
+    assert emitted == [(5, "He might have been made"), (7, "amiable himself.")]
+    for text, first in (
+        ("You are still more respectable than he was.", "You are still more respectable"),
+        ("Unfortunately we do not currently offer weekend delivery.", "Unfortunately we do not currently"),
+    ):
+        assert [c for _, c in feed(text, first_phrase_words=2, first_clause_max_words=5)][0] == first, text
+    # Never before a word that belongs with the one before it or after one the next belongs with,
+    # inside a number run or a question; only the first clause; and not where phrase cuts are off
+    # (a known text such as a welcome).
+    for text in (
+        "Certainly I would be happy to help you with that.",  # "happy | to", "help | you"
+        "It is ten to five of course.",
+        "What would you like to know about the deck?",
+    ):
+        assert [c for _, c in feed(text, first_phrase_words=2, first_clause_max_words=5)] == [text], text
+    assert [c for _, c in feed("Welcome to the city library information line.")] == [
+        "Welcome to the city library information line."
+    ]
+    assert [
+        c
+        for _, c in feed(
+            "I heard five five five one two three four.", first_phrase_words=2, first_clause_max_words=5
+        )
+    ] == [
+        "I heard",
+        "five five five one two three four.",
+    ]
+    text = "Sure. We have seen many different kinds of card games here."
+    assert [c for _, c in feed(text, first_phrase_words=2, first_clause_max_words=5)] == ["Sure.", text[6:]]
+    # Off (0): the old behaviour, the whole echoed sentence in one clause.
+    assert [c for _, c in feed("He might have been made amiable himself.", first_phrase_words=2)] == [
+        "He might have been made amiable himself."
+    ]
