@@ -56,6 +56,13 @@ from .types import Int16Array
 log = logging.getLogger(__name__)
 
 QUEUE_CHUNKS = 2
+# Piper samples the length of the pause before a sentence's first sound: for the same text it is
+# sometimes ~40 ms, sometimes ~400 ms of near-silence (-70 to -95 dBFS; "He was not", "Five of clubs."
+# on joe-medium, about half the time). A caller hears that as the agent answering later, so each
+# sentence starts at most ``LEAD_KEEP_MS`` before its first window above ``LEAD_FLOOR_DBFS``.
+LEAD_FLOOR_DBFS = -60.0
+LEAD_WINDOW_MS = 5
+LEAD_KEEP_MS = 30
 _DONE = object()
 _ABANDONED = object()
 # A background sentence abandoned for urgent work is redone once that work is over, or after this
@@ -242,7 +249,7 @@ class PiperTts:
         with self._session.scoped(utterance.options):
             audio = self._voice.phoneme_ids_to_audio(utterance.sentences[utterance.done], utterance.config)
         utterance.done += 1
-        return _to_int16(np.asarray(audio, dtype=np.float32))
+        return trim_leading_silence(_to_int16(np.asarray(audio, dtype=np.float32)), self.sample_rate)
 
     def synthesize_sync(self, text: str, *, speed: float = 1.0) -> Int16Array:
         """The whole utterance at once (tests, benchmarks, offline rendering)."""
@@ -378,6 +385,23 @@ def _to_int16(audio: np.ndarray) -> Int16Array:
     if peak < 1e-8:
         return np.zeros(audio.shape, dtype=np.int16)
     return np.clip(audio / peak * 32767.0, -32767.0, 32767.0).astype(np.int16)
+
+
+def trim_leading_silence(pcm: Int16Array, sample_rate: int) -> Int16Array:
+    """``pcm`` from ``LEAD_KEEP_MS`` before its first ``LEAD_WINDOW_MS`` window louder than
+    ``LEAD_FLOOR_DBFS`` (a soft first consonant keeps its onset); unchanged if none is."""
+    window = max(1, sample_rate * LEAD_WINDOW_MS // 1000)
+    usable = pcm.size // window * window
+    if usable == 0:
+        return pcm
+    frames = pcm[:usable].astype(np.float32).reshape(-1, window)
+    loud = np.flatnonzero(
+        np.sqrt(np.mean(np.square(frames), axis=1)) > 32768.0 * 10 ** (LEAD_FLOOR_DBFS / 20)
+    )
+    if loud.size == 0:
+        return pcm
+    start = max(0, int(loud[0]) * window - sample_rate * LEAD_KEEP_MS // 1000)
+    return pcm[start:] if start else pcm
 
 
 def _check_speed(speed: float) -> float:

@@ -14,7 +14,14 @@ import pytest
 from appliance.audio.resample import StreamResampler
 from appliance.engines.asr import WhisperAsr
 from appliance.engines.priority import CPU
-from appliance.engines.tts import PHRASE_MAX_CHARS, QUEUE_CHUNKS, PhraseCache, PiperTts, TtsLoadError
+from appliance.engines.tts import (
+    PHRASE_MAX_CHARS,
+    QUEUE_CHUNKS,
+    PhraseCache,
+    PiperTts,
+    TtsLoadError,
+    trim_leading_silence,
+)
 from appliance.runtime import HeapTrimmer, resident_bytes
 from tests.engine_fixtures import load_tts
 from tests.speech import dbfs, normalize_text, telephone_16k, wer
@@ -37,6 +44,41 @@ async def test_output_is_audible_speech_of_plausible_length(tts_engine: PiperTts
     assert words / 4.5 < seconds < words / 1.5
     assert dbfs(audio) > -30.0  # clearly audible, not a whisper or silence
     assert np.abs(audio).max() > 8000
+
+
+def _first_voiced_ms(pcm: np.ndarray, rate: int, floor_dbfs: float = -50.0) -> float:
+    """Where a listener starts hearing ``pcm``: its first 20 ms frame above ``floor_dbfs``."""
+    frame = rate // 50
+    for i in range(0, pcm.size - frame + 1, frame):
+        if dbfs(pcm[i : i + frame]) > floor_dbfs:
+            return i * 1000.0 / rate
+    return pcm.size * 1000.0 / rate
+
+
+def test_leading_silence_is_trimmed_to_a_short_lead_and_a_soft_onset_kept() -> None:
+    rate = 22050
+    t = np.arange(rate // 2) / rate
+    tone = (8000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
+    quiet = np.random.default_rng(0).normal(0, 3, rate * 4 // 10).astype(np.int16)  # 400 ms at ~-80 dBFS
+    soft = (30 * np.sin(2 * np.pi * 3000 * t[: rate // 20]) + 45).astype(np.int16)  # 50 ms at ~-55 dBFS
+    trimmed = trim_leading_silence(np.concatenate([quiet, soft, tone]), rate)
+    lead = trimmed.size - soft.size - tone.size
+    assert 0 < lead <= rate * 30 // 1000 + rate // 200, lead  # at most 30 ms (+ one window) before it
+    assert np.array_equal(trimmed[-(soft.size + tone.size) :], np.concatenate([soft, tone]))
+    assert np.array_equal(trim_leading_silence(tone, rate), tone)
+    assert np.array_equal(trim_leading_silence(quiet, rate), quiet)  # nothing above the floor: as it is
+    assert trim_leading_silence(np.zeros(0, np.int16), rate).size == 0
+
+
+def test_a_sentence_starts_without_the_voices_random_long_pause(tts_engine: PiperTts) -> None:
+    # The voice samples the pause before the first sound: ~40 or ~400 ms for these, about half the
+    # time each. A caller waits through it; every sentence now starts within ~60 ms.
+    # (Synthesized afresh each time: the phrase cache would replay the first one.)
+    leads = [
+        _first_voiced_ms(tts_engine.synthesize_sync(text), tts_engine.sample_rate)
+        for text in ("He was not", "Five of clubs.") * 4
+    ]
+    assert max(leads) <= 60, leads
 
 
 async def test_one_chunk_per_sentence(tts_engine: PiperTts) -> None:
