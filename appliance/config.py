@@ -121,7 +121,8 @@ class CallSettings(_Section):
     # has this many words, instead of waiting for punctuation; 0: punctuation only.
     first_phrase_words: int = 2
     # A first clause with no such place this many words in ends before its next word that nothing
-    # binds to ("He might have been made | amiable himself."); 0: no such cut.
+    # binds to ("He might have been made | amiable himself."); 0: no such cut. Only with
+    # ``first_phrase_words`` > 0.
     first_clause_max_words: int = 5
     # Agents whose call prompt is read into the LLM's prompt cache before their next call: when one
     # is created or changed, and the most recently changed at start-up (/ready waits for these).

@@ -60,6 +60,11 @@ _BINDS_PREVIOUS = frozenset(
     "of to up down out off away back me you him her it us them myself yourself himself herself itself "
     "ourselves themselves".split()
 )
+# Nor after a word that modifies the next ("very | happy", "many different | kinds"), a number
+# ("about three | days") or a contraction ("we'll | need").
+_MODIFIES_NEXT = frozenset(
+    "very so too quite really rather many much more most less few several other each not".split()
+)
 # After a first clause cut at a phrase start, the second may end at one too once it has this many words.
 SECOND_PHRASE_WORDS = 4
 # Known text (a welcome, a goodbye) has no generation to wait for: short openings ("Hello,") stay
@@ -183,7 +188,13 @@ class ClauseChunker:
                 free
                 and long_first
                 and _bare(opening) not in _BINDS_PREVIOUS
-                and not (number and _is_number(before))
+                # A last word that may still grow into one of those ("my" + "self") waits a token.
+                and not (
+                    word.end() >= len(buf) and any(w.startswith(_bare(opening)) for w in _BINDS_PREVIOUS)
+                )
+                and before not in _MODIFIES_NEXT
+                and "'" not in before
+                and not _is_number(before)
             ):
                 return word.start()
         return None

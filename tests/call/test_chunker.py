@@ -203,6 +203,13 @@ def test_a_long_first_clause_with_no_phrase_start_is_cut_before_a_free_word() ->
     pieces = ["He", " might", " have", " been", " made", " amiable", " himself", "."]
     emitted = [(i, c) for i, p in enumerate(pieces) for c in ch.push(p)]
     assert emitted == [(5, "He might have been made"), (7, "amiable himself.")]
+    # A word that may still grow into one the cut may not come before waits for the next token.
+    ch = ClauseChunker(first_phrase_words=2, first_clause_max_words=5, token_deltas=True)
+    assert [
+        c for p in ["Marianne", " Dashwood", " soon", " quietly", " walked", " aw"] for c in ch.push(p)
+    ] == []
+    assert ch.push("ay") == []  # not before "away"
+    assert ch.push(" again") == ["Marianne Dashwood soon quietly walked away"]
     for text, first in (
         ("You are still more respectable than he was.", "You are still more respectable"),
         ("Unfortunately we do not currently offer weekend delivery.", "Unfortunately we do not currently"),
@@ -234,4 +241,17 @@ def test_a_long_first_clause_with_no_phrase_start_is_cut_before_a_free_word() ->
     # Off (0): the old behaviour, the whole echoed sentence in one clause.
     assert [c for _, c in feed("He might have been made amiable himself.", first_phrase_words=2)] == [
         "He might have been made amiable himself."
+    ]
+    for text, kept in (
+        ("Delivery usually takes about three days to arrive.", "three days"),
+        ("Yes I would be very happy to help you today.", "very happy"),
+        ("Honestly I really think we'll need more time.", "we'll need"),
+    ):
+        clauses = [c for _, c in feed(text, first_phrase_words=2, first_clause_max_words=5)]
+        assert any(kept in c for c in clauses), (text, clauses)
+    # After a first clause cut short, the second waits for a phrase start: no five-word cut there.
+    text = "You have the really quite lovely shiny old queen today."
+    assert [c for _, c in feed(text, first_phrase_words=2, first_clause_max_words=5)] == [
+        "You have",
+        "the really quite lovely shiny old queen today.",
     ]

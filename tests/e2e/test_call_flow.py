@@ -63,15 +63,15 @@ async def test_barge_in_stops_the_agent_and_keeps_only_the_heard_words(
     heard = welcome["heard_text"]
     assert heard and LONG_WELCOME.startswith(heard) and len(heard) < len(LONG_WELCOME) // 2, heard
     # Once the barge-in is confirmed (clearAudio) the welcome is gone for good: its audio ends with
-    # the clear and nothing plays until the caller has finished. (Before the clear the agent may have
-    # paused on a breath or click ahead of the words and resumed briefly: that is the tentative hold,
-    # not this check's business.)
+    # the clear (a tick or two) and nothing plays until the caller has finished. (Before the clear
+    # the agent may have paused on a faint sound ahead of the words and resumed briefly: that is the
+    # tentative hold, not this check's business.)
     (turn,) = result.turns
     clear, done = barge.clear_audio_ms, turn.last_voiced_ms
     assert clear is not None and done is not None and clear < done, (barge, turn)
     for seg in result.segments:
         if seg.wall_start_ms <= clear:
-            assert seg.wall_end_ms <= clear + 100, (seg, barge)
+            assert seg.wall_end_ms <= clear + 40, (seg, barge)  # the caller drops its buffer at once
         else:
             assert seg.wall_start_ms > done, (seg, barge, turn)
 
