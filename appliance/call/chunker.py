@@ -179,22 +179,20 @@ class ClauseChunker:
             opening = word.group().lower()
             if opening in _PHRASE_START:
                 return word.start()
-            free = before not in _BINDS_NOUN_PHRASE and question_at >= k  # no question word before it
-            number = _is_number(_bare(opening))
-            if free and (opening in _NOUN_PHRASE_START or number) and not _is_number(before):
+            bare = _bare(opening)
+            # Not after a word it belongs with, a number, or a question word.
+            free = before not in _BINDS_NOUN_PHRASE and not _is_number(before) and question_at >= k
+            if free and (opening in _NOUN_PHRASE_START or _is_number(bare)):
                 return word.start()
             long_first = self._emitted == 0 and 0 < self.first_clause_max_words <= k
             if (
                 free
                 and long_first
-                and _bare(opening) not in _BINDS_PREVIOUS
+                and bare not in _BINDS_PREVIOUS
                 # A last word that may still grow into one of those ("my" + "self") waits a token.
-                and not (
-                    word.end() >= len(buf) and any(w.startswith(_bare(opening)) for w in _BINDS_PREVIOUS)
-                )
+                and not (word.end() >= len(buf) and any(w.startswith(bare) for w in _BINDS_PREVIOUS))
                 and before not in _MODIFIES_NEXT
                 and "'" not in before
-                and not _is_number(before)
             ):
                 return word.start()
         return None
