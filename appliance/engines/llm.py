@@ -23,7 +23,9 @@ takes a prewarm's (``_admit``).
 A background step that reads prompt (a prewarm, words read ahead: up to ``BACKGROUND_PROMPT_CHUNK``
 tokens, ~0.4 s on 2 cores) is abandoned when a generation someone waits for arrives or another
 engine starts urgent work (``_abort_background``): llama.cpp drops the cells it wrote and the
-prewarm reads that chunk again later. Never two steps in a row, so background work cannot starve.
+prewarm reads that chunk again later. Never two steps in a row, so background work cannot starve;
+a step that may not be abandoned (the next one, or one with an urgent generation in it) reads only
+``BACKGROUND_SAFE_CHUNK`` background tokens, so that a reply arriving meanwhile waits ~60 ms for it.
 A step whose work nobody wants any more is stopped the same way, whenever it runs: every generation
 in it stopped (a reply cut off, a read-ahead withdrawn), or a prewarm whose own conversation's reply
 arrives and takes its slot.
@@ -85,6 +87,11 @@ URGENT_TOKENS = 16
 # urgent generation arriving meanwhile waits for a short step, not a whole prompt).
 BATCH_TOKENS = 512
 BACKGROUND_PROMPT_CHUNK = 32
+# The most background prompt, all generations together, in a step that cannot be abandoned: right
+# after an abandoned one, or beside an urgent generation. A reply that arrives meanwhile waits for
+# the step to end; 4 tokens cost ~60 ms on 2 cores, a 32-token chunk 0.3-0.7 s (bench_load traces:
+# the two slowest level-4 replies of a ramp had each sat out such a step).
+BACKGROUND_SAFE_CHUNK = 4
 # The most of an urgent prompt read in one step while another urgent generation is writing its first
 # clause: on a 2-core CPU the 0.5B model reads 60-90 prompt tokens/s, so a 512-token step would hold
 # that reply's next token for 6-8 s. 16 tokens cost ~0.2 s (32: ~0.4 s), for ~12% more reading time:
@@ -551,7 +558,9 @@ class LlamaLlm:
                 yield str(item)
         finally:
             job.stop.set()
-            self._abort_background(None)  # a step only this one was in would now be wasted
+            # A step only this one was in would now be wasted; one that others are in goes on:
+            # nobody waits for this generation's end.
+            self._abort_background(None, someone_waits=False)
             with self._wake:
                 if job in self._waiting:  # never started: nothing to stop
                     self._waiting.remove(job)
@@ -562,12 +571,13 @@ class LlamaLlm:
             # for one step at most and no tokens are computed for it once we return.
             await job.finished.wait()
 
-    def _abort_background(self, arriving: str | None = None) -> None:
+    def _abort_background(self, arriving: str | None = None, *, someone_waits: bool = True) -> None:
         """Someone waits now: abandon the background prompt step under way, if one is (any thread).
         Also any step whose work nobody wants any more: each of its generations stopped (a reply
         cut off, a read-ahead withdrawn) or about to give its slot to the reply of its own
         conversation that is ``arriving``. Those are stopped even right after an abandoned step,
-        and even when urgent: the waiting reply would otherwise sit out 0.2-0.5 s of reading."""
+        and even when urgent: the waiting reply would otherwise sit out 0.2-0.5 s of reading.
+        ``someone_waits=False``: only the latter (a generation ending abandons nobody's work)."""
         with self._abort_lock:
             # Unwanted first: a background step that is also unwanted is not redone, so it is not
             # counted as abandoned and does not withhold the next abandon.
@@ -577,7 +587,7 @@ class LlamaLlm:
             ):
                 self._abort_flag[0] = b"\x01"
                 self._wasted_step = True
-            elif self._abortable_step:
+            elif someone_waits and self._abortable_step:
                 self._abort_flag[0] = b"\x01"
 
     def release(self, cache_key: str) -> None:
@@ -803,9 +813,18 @@ class LlamaLlm:
         budget = BATCH_TOKENS
         writing = any(j.urgent and not j.reading and j.stats.completion_tokens for j in chosen)
         urgent_chunk = URGENT_PROMPT_CHUNK if writing else BATCH_TOKENS
+        # Background prompt in a step nobody can stop is kept short: an urgent reply may arrive.
+        safe = self._aborted_last or bool(urgent)
+        background_left = BACKGROUND_SAFE_CHUNK if safe else BATCH_TOKENS
         for job in sorted(chosen, key=lambda j: len(j.pending)):  # decoders first, then prompts
             assert job.slot is not None
-            take = min(len(job.pending), budget, urgent_chunk if job.urgent else BACKGROUND_PROMPT_CHUNK)
+            if job.urgent:
+                take = min(len(job.pending), budget, urgent_chunk)
+            elif len(job.pending) > 1:  # reading its prompt
+                take = min(len(job.pending), budget, BACKGROUND_PROMPT_CHUNK, background_left)
+                background_left -= take
+            else:
+                take = min(len(job.pending), budget)
             if take <= 0:
                 continue
             budget -= take

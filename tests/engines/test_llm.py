@@ -754,6 +754,57 @@ async def test_a_reply_stops_its_own_conversations_background_step_even_right_af
     assert re.match(r"\s*1\W+2\W+3", counted), counted  # its cells read on correctly
 
 
+async def test_the_background_step_after_an_abandoned_one_is_short_so_a_reply_hardly_waits(
+    qwen: LlamaLlm, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The step after an abandoned one may not be abandoned (background work must not starve), so
+    it reads only a few prompt tokens: another conversation's reply arriving during it is admitted
+    after ~60 ms, not after the rest of a 32-token step (0.3-0.5 s on 2 cores)."""
+    chat = [{"role": "system", "content": _rules("the left-luggage office of a bus station", 15)}]
+    prompt = qwen.format_chat(chat)
+    assert qwen.count_tokens(prompt) > 150  # several background steps
+    await _collect(qwen, qwen.format_chat(COUNTING), max_tokens=2)  # the last step was not abandoned
+    caplog.set_level(logging.INFO, logger=llm_module.log.name)
+    prewarm = asyncio.create_task(_prewarm(qwen, prompt, cache_key="luggage"))
+    await _until_running(qwen)
+    await asyncio.sleep(0.1)
+    abandoned = qwen.abandoned
+    with CPU.urgent():  # another engine's urgent work: the step under way is abandoned
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.02)  # the next step, which may not be abandoned, is under way
+    assert qwen.abandoned == abandoned + 1
+    reply = await _collect(qwen, qwen.format_chat(COUNTING), max_tokens=4, cache_key="other")
+    assert reply.strip()
+    await prewarm
+    runs = _logged_generations(caplog)
+    assert [r.finish for r in runs] == ["length", "length"], runs
+    assert runs[0].queued_ms < 150, runs  # the reply (it retired first)
+    assert qwen.abandoned == abandoned + 1  # the reply did not abandon the short step either
+    # The prewarm's cells read on correctly through the abandoned and the short steps.
+    counted = await _collect(qwen, prompt + "1, 2, 3,", max_tokens=1, cache_key="luggage")
+    assert qwen.last_stats.prompt_tokens - qwen.last_stats.cached_tokens <= 8, counted
+
+
+async def test_a_generation_ending_does_not_abandon_another_conversations_background_step(
+    qwen: LlamaLlm,
+) -> None:
+    """Only someone waiting abandons background work: a reply whose consumer lets go of it (its
+    end, or a caller's interruption) stops its own work, not a prewarm's step under way."""
+    prompt = qwen.format_chat([{"role": "system", "content": _rules("the harbour master's office", 30)}])
+    assert qwen.count_tokens(prompt) > 300  # background steps go on for seconds
+    prewarm = asyncio.create_task(_prewarm(qwen, prompt, cache_key="harbour"))
+    await _until_running(qwen)
+    reply = qwen.stream(qwen.format_chat(COUNTING), max_tokens=4, cache_key="counting")
+    async with contextlib.aclosing(reply) as pieces:  # type: ignore[type-var]
+        assert (await anext(pieces)).strip()
+        await asyncio.sleep(0.6)  # the reply is done; the prewarm reads on, in abandonable steps
+        assert qwen.busy
+        abandoned, wasted = qwen.abandoned, qwen.wasted_steps
+    await asyncio.sleep(0.05)
+    assert (qwen.abandoned, qwen.wasted_steps) == (abandoned, wasted)
+    assert await prewarm == ""
+
+
 async def test_a_step_whose_generations_all_stopped_is_stopped_too(qwen: LlamaLlm) -> None:
     """A reply cut off while it reads a long prompt (one step of up to 512 tokens, seconds on a CPU)
     returns at once instead of at the end of that step, and its conversation reads on correctly."""
