@@ -785,6 +785,36 @@ async def test_the_background_step_after_an_abandoned_one_is_short_so_a_reply_ha
     assert qwen.last_stats.prompt_tokens - qwen.last_stats.cached_tokens <= 8, counted
 
 
+async def test_a_prewarm_that_joins_a_replys_first_tokens_reads_only_a_few_tokens_a_step(
+    qwen: LlamaLlm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prewarm kept waiting by a reply's first (urgent) tokens gets a step beside them after
+    ``BACKGROUND_MAX_WAIT_S``, but only a few of its prompt tokens: that step cannot be abandoned,
+    and 32 tokens in it would hold the reply's next token for ~0.3 s on 2 cores."""
+    prompt = qwen.format_chat([{"role": "system", "content": _rules("the customs desk of an airport", 30)}])
+    assert qwen.count_tokens(prompt) > 300
+    # The reply's prompt is read already, so it writes at once; and the prewarm joins it after
+    # 0.15 s instead of 0.5 s, well inside its first 16 tokens (~0.6 s here).
+    await _collect(qwen, qwen.format_chat(COUNTING), max_tokens=1, cache_key="counting")
+    monkeypatch.setattr(llm_module, "BACKGROUND_MAX_WAIT_S", 0.15)
+    prewarm = asyncio.create_task(_prewarm(qwen, prompt, cache_key="customs"))
+    await _until_running(qwen)
+    await asyncio.sleep(0.2)
+    gaps: list[float] = []
+    reply = qwen.stream(qwen.format_chat(COUNTING), max_tokens=URGENT_TOKENS, cache_key="counting")
+    async with contextlib.aclosing(reply) as pieces:  # type: ignore[type-var]
+        last = None
+        async for _ in pieces:
+            now = time.monotonic()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+    stats = qwen.last_stats
+    assert stats.completion_tokens == URGENT_TOKENS and stats.batch_peak == 2, stats  # the prewarm joined
+    assert max(gaps) < 0.25, [round(g, 3) for g in gaps]
+    assert await prewarm == ""
+
+
 async def test_a_generation_ending_does_not_abandon_another_conversations_background_step(
     qwen: LlamaLlm,
 ) -> None:
