@@ -21,11 +21,12 @@ A slot goes to a generation someone waits for before any background one, and if 
 takes a prewarm's (``_admit``).
 
 A background step that reads prompt (a prewarm, words read ahead: up to ``BACKGROUND_PROMPT_CHUNK``
-tokens, ~0.4 s on 2 cores) is abandoned when a generation someone waits for arrives or another
+tokens, 0.3-0.5 s on 2 cores) is abandoned when a generation someone waits for arrives or another
 engine starts urgent work (``_abort_background``): llama.cpp drops the cells it wrote and the
 prewarm reads that chunk again later. Never two steps in a row, so background work cannot starve;
-a step that may not be abandoned (the next one, or one with an urgent generation in it) reads only
-``BACKGROUND_SAFE_CHUNK`` background tokens, so that a reply arriving meanwhile waits ~60 ms for it.
+a step that may not be abandoned reads only ``BACKGROUND_SAFE_CHUNK`` background tokens: the one
+right after, which a reply arriving meanwhile then sits out for ~60 ms instead of 0.3-0.5 s, and one
+with an urgent generation in it, which they would slow down as much.
 A step whose work nobody wants any more is stopped the same way, whenever it runs: every generation
 in it stopped (a reply cut off, a read-ahead withdrawn), or a prewarm whose own conversation's reply
 arrives and takes its slot.
@@ -89,8 +90,8 @@ BATCH_TOKENS = 512
 BACKGROUND_PROMPT_CHUNK = 32
 # The most background prompt, all generations together, in a step that cannot be abandoned: right
 # after an abandoned one, or beside an urgent generation. A reply that arrives meanwhile waits for
-# the step to end; 4 tokens cost ~60 ms on 2 cores, a 32-token chunk 0.3-0.7 s (bench_load traces:
-# the two slowest level-4 replies of a ramp had each sat out such a step).
+# the step to end; 4 tokens cost ~60 ms on 2 cores, a 32-token chunk 0.3-0.5 s (bench_load traces:
+# the two slowest replies of a ramp had each sat out such a retry, 0.43 s beside a transcription).
 BACKGROUND_SAFE_CHUNK = 4
 # The most of an urgent prompt read in one step while another urgent generation is writing its first
 # clause: on a 2-core CPU the 0.5B model reads 60-90 prompt tokens/s, so a 512-token step would hold
@@ -558,8 +559,9 @@ class LlamaLlm:
                 yield str(item)
         finally:
             job.stop.set()
-            # A step only this one was in would now be wasted; one that others are in goes on:
-            # nobody waits for this generation's end.
+            # A step whose generations are all stopped now is stopped too. One that others are in
+            # goes on, even if this consumer then waits for the rest of it (rare): redoing a
+            # background chunk would cost more.
             self._abort_background(None, someone_waits=False)
             with self._wake:
                 if job in self._waiting:  # never started: nothing to stop
@@ -572,12 +574,12 @@ class LlamaLlm:
             await job.finished.wait()
 
     def _abort_background(self, arriving: str | None = None, *, someone_waits: bool = True) -> None:
-        """Someone waits now: abandon the background prompt step under way, if one is (any thread).
-        Also any step whose work nobody wants any more: each of its generations stopped (a reply
-        cut off, a read-ahead withdrawn) or about to give its slot to the reply of its own
-        conversation that is ``arriving``. Those are stopped even right after an abandoned step,
-        and even when urgent: the waiting reply would otherwise sit out 0.2-0.5 s of reading.
-        ``someone_waits=False``: only the latter (a generation ending abandons nobody's work)."""
+        """Abandon the background prompt step under way, if one is, for someone who waits now (any
+        thread). Also stop any step whose work nobody wants any more: each of its generations
+        stopped (a reply cut off, a read-ahead withdrawn) or about to give its slot to the reply of
+        its own conversation that is ``arriving``. Those are stopped even right after an abandoned
+        step, and even when urgent: the waiting reply would otherwise sit out 0.3-0.5 s of reading.
+        ``someone_waits=False``: only the latter (a consumer letting go abandons nobody's work)."""
         with self._abort_lock:
             # Unwanted first: a background step that is also unwanted is not redone, so it is not
             # counted as abandoned and does not withhold the next abandon.
@@ -820,7 +822,7 @@ class LlamaLlm:
             assert job.slot is not None
             if job.urgent:
                 take = min(len(job.pending), budget, urgent_chunk)
-            elif len(job.pending) > 1:  # reading its prompt
+            elif job.reading:  # background: a prewarm, words read ahead
                 take = min(len(job.pending), budget, BACKGROUND_PROMPT_CHUNK, background_left)
                 background_left -= take
             else:
