@@ -10,6 +10,7 @@ import logging
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from appliance.engines.llm import (
     STRICT_STRING_CHAR,
     URGENT_MAX_WAIT_S,
     URGENT_PROMPT_CHUNK,
+    URGENT_PROMPT_SLACK,
     URGENT_TOKENS,
     LlamaLlm,
     PromptTooLong,
@@ -999,6 +1001,60 @@ async def test_a_long_prompt_is_read_in_chunks_while_another_reply_writes_its_fi
     during = [t for t in writing if started < t < ended]
     assert len(during) >= min(
         URGENT_TOKENS - 2, (read.prompt_tokens - read.cached_tokens) // URGENT_PROMPT_CHUNK - 1
+    )
+
+
+def _text_of_tokens(llm: LlamaLlm, opening: str, tokens: int) -> str:
+    """``opening`` and then words until the text is ``tokens`` tokens long (no chat template: no
+    prefix shared with other prompts, so nothing of it comes from another slot)."""
+    text, n = opening, 0
+    while llm.count_tokens(text) < tokens:
+        text += f" {_WORDS[n % len(_WORDS)]}"
+        n += 1
+    return text
+
+
+_WORDS = "amber birch cobalt dune ember fjord granite heron iris juniper kelp lichen marble".split()
+
+
+async def test_a_short_remainder_of_a_prompt_is_read_with_the_chunk_before_it(
+    smol: LlamaLlm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beside a reply writing its first clause, another reply's prompt is read in chunks, but what
+    would be left after one chunk goes into it when that is fewer than ``URGENT_PROMPT_SLACK``
+    tokens: under load a step's fixed cost outweighs a few more tokens in a step."""
+    monkeypatch.setattr(llm_module, "URGENT_TOKENS", 10_000)  # the writer stays urgent throughout
+    steps: list[Counter[int]] = []  # tokens per sequence in each decode
+    fill = smol._fill
+
+    def recording_fill(entries: Any) -> None:
+        steps.append(Counter(seq for _, _, seq, _ in entries))
+        fill(entries)
+
+    monkeypatch.setattr(smol, "_fill", recording_fill)
+    near = _text_of_tokens(smol, "Sort these words:", URGENT_PROMPT_CHUNK + URGENT_PROMPT_SLACK // 2)
+    beyond = _text_of_tokens(smol, "Rhyme with these words:", URGENT_PROMPT_CHUNK + URGENT_PROMPT_SLACK + 2)
+    reads: list[tuple[int, list[Counter[int]]]] = []
+    writer = smol.stream(smol.format_chat(COUNTING), max_tokens=400)
+    async with contextlib.aclosing(writer) as pieces:  # type: ignore[type-var]
+        await anext(pieces)
+        for prompt in (near, beyond):
+            before = len(steps)
+            await _collect(smol, prompt, max_tokens=1)
+            read = smol.last_stats
+            reads.append((read.prompt_tokens - read.cached_tokens, steps[before:]))
+        assert await anext(pieces)  # still writing: every step above was beside it
+    (near_new, near_steps), (beyond_new, beyond_steps) = reads
+    assert URGENT_PROMPT_CHUNK < near_new < URGENT_PROMPT_CHUNK + URGENT_PROMPT_SLACK, reads
+    assert beyond_new >= URGENT_PROMPT_CHUNK + URGENT_PROMPT_SLACK, reads
+
+    def prompt_reads(taken: list[Counter[int]]) -> list[list[int]]:
+        return [sorted(step.values()) for step in taken if max(step.values()) > 1]
+
+    # One step, with the writer's next token in it; the longer prompt is still read in two.
+    assert prompt_reads(near_steps) == [[1, near_new]], near_steps
+    assert prompt_reads(beyond_steps) == [[1, URGENT_PROMPT_CHUNK], [1, beyond_new - URGENT_PROMPT_CHUNK]], (
+        beyond_steps
     )
 
 
