@@ -714,6 +714,46 @@ def summarize_level(
     }
 
 
+def round_plan(levels: Sequence[int], rounds: int) -> list[tuple[int, int]]:
+    """(round, level) in the order a ramp of ``rounds`` rounds runs them: up the levels, then down,
+    then up again. Each level then sits at the same mean time into the run, so a VM that speeds up
+    or slows down during it does not tilt the pooled figures towards the first or last levels."""
+    ordered = sorted(levels)
+    plan: list[tuple[int, int]] = []
+    for rnd in range(rounds):
+        plan.extend((rnd, level) for level in (ordered if rnd % 2 == 0 else ordered[::-1]))
+    return plan
+
+
+def pool_levels(rounds: Sequence[dict[str, Any]], calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per level over every round: the turns of all its calls pooled (the calls carry
+    ``level``), CPU weighted by each round's wall time, RSS the highest peak. ``rounds`` are the
+    per-round level summaries."""
+    pooled = []
+    for level in sorted({int(r["level"]) for r in rounds}):
+        mine = [r for r in rounds if int(r["level"]) == level]
+        timed = [r for r in mine if r.get("cpu_pct") is not None and r.get("wall_s")]
+        wall = sum(float(r["wall_s"]) for r in timed)
+
+        def weighted(key: str, timed: list[dict[str, Any]] = timed) -> float | None:
+            values = [(float(r[key]), float(r["wall_s"])) for r in timed if r.get(key) is not None]
+            seconds = sum(w for _, w in values)
+            return round(sum(v * w for v, w in values) / seconds, 1) if seconds else None
+
+        peaks = [float(r["peak_rss_mb"]) for r in mine if r.get("peak_rss_mb") is not None]
+        figures = {"cpu_pct": weighted("cpu_pct"), "caller_cpu_pct": weighted("caller_cpu_pct")}
+        cpu = {k: v for k, v in figures.items() if v is not None} | {"wall_s": round(wall, 1)}
+        summary = summarize_level(
+            level,
+            [c for c in calls if int(c["level"]) == level],
+            cpu=cpu if timed else None,
+            peak_rss_mb=max(peaks) if peaks else None,
+        )
+        summary["rounds"] = len(mine)
+        pooled.append(summary)
+    return pooled
+
+
 def capacity(levels: Sequence[dict[str, Any]], factor: float = 1.5, target: int = 4) -> dict[str, Any]:
     """The highest concurrency whose p95 voice-to-voice stays within ``factor`` x the baseline p95
     (the single-call level, else the lowest level with answered turns), with every turn answered, and

@@ -31,7 +31,9 @@ from appliance.simulator.benchkit import (
     capacity,
     missing_models,
     pct,
+    pool_levels,
     proc_sample,
+    round_plan,
     slope_per_hour,
     soak_verdict,
     summarize_level,
@@ -112,6 +114,52 @@ def test_capacity_uses_the_lowest_measured_level_when_there_is_no_single_call_le
     assert cap["per_level"] == {2: True, 3: False, 4: False}
     nothing = capacity([_level(1, None)])
     assert nothing["max_level"] is None and not nothing["target_met"]
+
+
+# -- rounds ---------------------------------------------------------------------------------------
+
+
+def test_round_plan_goes_up_the_levels_then_down_then_up() -> None:
+    assert round_plan([1, 2, 4], 1) == [(0, 1), (0, 2), (0, 4)]
+    plan = round_plan([4, 1, 2], 3)
+    assert plan == [(0, 1), (0, 2), (0, 4), (1, 4), (1, 2), (1, 1), (2, 1), (2, 2), (2, 4)]
+    # Over an even number of rounds every level sits at the same mean position in the run.
+    even = round_plan([1, 2, 3, 4], 2)
+    mean_position = {lv: sum(i for i, (_, x) in enumerate(even) if x == lv) / 2 for lv in (1, 2, 3, 4)}
+    assert set(mean_position.values()) == {3.5}
+
+
+def _round(level: int, rnd: int, *, cpu: float, caller: float | None, wall: float, rss: float | None) -> dict:
+    return {
+        "level": level, "round": rnd, "cpu_pct": cpu, "caller_cpu_pct": caller, "wall_s": wall,
+        "peak_rss_mb": rss,
+    }  # fmt: skip
+
+
+def test_pool_levels_decides_on_every_rounds_turns_together() -> None:
+    calls = [
+        {**_call([500.0, 600.0]), "level": 1, "round": 0},
+        {**_call([900.0]), "level": 1, "round": 1},
+        {**_call([1000.0, 3000.0], unanswered=1), "level": 2, "round": 0},
+        {**_call([1100.0]), "level": 2, "round": 1},
+    ]
+    rounds = [  # as run: up, then down
+        _round(1, 0, cpu=10.0, caller=2.0, wall=100.0, rss=900.0),
+        _round(2, 0, cpu=30.0, caller=4.0, wall=60.0, rss=950.0),
+        _round(2, 1, cpu=20.0, caller=2.0, wall=20.0, rss=990.0),
+        _round(1, 1, cpu=16.0, caller=None, wall=50.0, rss=None),
+    ]
+    one, two = pool_levels(rounds, calls)
+    assert one["level"] == 1 and one["rounds"] == 2 and one["calls"] == 2
+    assert one["answered"] == 3 and one["voice_to_voice_p50_ms"] == 600.0
+    assert one["cpu_pct"] == 12.0  # (10 x 100 + 16 x 50) / 150 s
+    assert one["caller_cpu_pct"] == 2.0 and one["peak_rss_mb"] == 900.0 and one["wall_s"] == 150.0
+    assert two["level"] == 2 and two["turns"] == 4 and two["unanswered"] == 1
+    assert two["voice_to_voice_max_ms"] == 3000.0 and two["cpu_pct"] == 27.5 and two["peak_rss_mb"] == 990.0
+    # The verdict rests on the pooled turns: level 2 dropped a turn in one round, so it fails.
+    cap = capacity([one, two], 1.5, target=2)
+    assert cap["baseline_p95_ms"] == one["voice_to_voice_p95_ms"] and cap["max_level"] == 1
+    assert pool_levels([], []) == []
 
 
 # -- soak -------------------------------------------------------------------------------------------
@@ -335,6 +383,8 @@ def test_help_explains_the_script(script: str) -> None:
 def test_bench_load_rejects_bad_levels() -> None:
     r = subprocess.run([str(SCRIPTS / "bench_load"), "--levels", "0,x"], capture_output=True, text=True)
     assert r.returncode == 2 and "--levels" in r.stderr
+    r = subprocess.run([str(SCRIPTS / "bench_load"), "--rounds", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--rounds" in r.stderr
 
 
 @pytest.mark.slow
@@ -345,10 +395,10 @@ def test_bench_load_one_short_real_run(tmp_path: Path) -> None:
         pytest.skip("default models not installed")
     out = tmp_path / "load.json"
     cmd = [
-        str(SCRIPTS / "bench_load"), "--levels", "1", "--turns", "1", "--level-seconds", "1",
-        "--over-capacity", "1", "--extra-calls", "1", "--max-seconds", "240", "--out", str(out),
+        str(SCRIPTS / "bench_load"), "--levels", "1", "--turns", "1", "--level-seconds", "1", "--rounds", "2",
+        "--over-capacity", "1", "--extra-calls", "1", "--max-seconds", "300", "--out", str(out),
     ]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=320, cwd=PROJECT_ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=380, cwd=PROJECT_ROOT)
     print(r.stdout)  # the run's log and table (pytest -s)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -362,12 +412,18 @@ def test_bench_load_one_short_real_run(tmp_path: Path) -> None:
     assert data["max_rss_mb"] > data["bench_max_rss_mb"]  # the figures are the server's, not the callers'
     assert "python -m appliance serve" in r.stdout
     assert data["baseline_seconds"] == 2.0  # level 1, every level's yardstick, runs twice as long
+    # Two rounds of one call each, pooled into the level the verdict rests on.
+    assert data["rounds"] == 2 and [lv["round"] for lv in data["round_levels"]] == [0, 1]
+    assert sorted(c["round"] for c in data["calls"]) == [0, 1]
+    for one_round in data["round_levels"]:
+        assert one_round["calls"] == 1 and one_round["answered"] == 1 and one_round["unanswered"] == 0
     (level,) = data["levels"]
-    assert level["level"] == 1 and level["calls"] == 1 and level["turns"] == 1
-    assert level["answered"] == 1 and level["unanswered"] == 0 and level["violations"] == 0
+    assert level["level"] == 1 and level["rounds"] == 2 and level["calls"] == 2 and level["turns"] == 2
+    assert level["answered"] == 2 and level["unanswered"] == 0 and level["violations"] == 0
     assert 0 < level["voice_to_voice_p95_ms"] < 30_000
     assert 0 < level["cpu_pct"] <= 100 and level["peak_rss_mb"] > 100
-    assert data["capacity"]["max_level"] == 1
+    assert data["capacity"]["max_level"] == 1 and data["round_capacity"] == [1, 1]
+    assert "capacity by round: 1, 1" in r.stdout
     busy = data["over_capacity"]
     assert busy["ok"], busy["problems"]
     assert busy["extras"][0]["answer_xml"].count(BUSY_MESSAGE) == 1
