@@ -716,8 +716,9 @@ def summarize_level(
 
 def round_plan(levels: Sequence[int], rounds: int) -> list[tuple[int, int]]:
     """(round, level) in the order a ramp of ``rounds`` rounds runs them: up the levels, then down,
-    then up again. Each level then sits at the same mean time into the run, so a VM that speeds up
-    or slows down during it does not tilt the pooled figures towards the first or last levels."""
+    then up again. Over an even number of rounds each level then sits at the same mean time into the
+    run, so a VM that speeds up or slows down during it does not tilt the pooled figures towards the
+    first or the last levels."""
     ordered = sorted(levels)
     plan: list[tuple[int, int]] = []
     for rnd in range(rounds):
