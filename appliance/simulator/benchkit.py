@@ -4,7 +4,8 @@
   serve`` in its own process, the default: the callers do not share its GIL) or :func:`start_server`
   (a thread of this process, ``--in-process``), both through :func:`launch_server`;
   :func:`wait_ready`, :func:`create_agent`, :func:`fetch_records`, :func:`missing_models`;
-- the recorded speech the callers say (:func:`speech_paths`) and a few-turn call (:func:`turn_script`);
+- the recorded speech the callers say (:func:`speech_paths`), dealt in a fixed mix
+  (:class:`SpeechDeck`), and a few-turn call (:func:`turn_script`);
 - measuring a process: RSS, open FDs, threads and CPU time from ``/proc/<pid>`` (the server's
   process) or ``/proc/self`` (:func:`proc_sample`, :class:`CpuMeter`, :class:`PeakRss`);
 - the arithmetic the scripts report, kept here so it is unit-tested: :func:`pct`,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import math
 import os
 import random
 import resource
@@ -27,6 +29,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -78,23 +81,72 @@ def speech_paths(corpus: str | None = None) -> list[Path]:
     return paths
 
 
+SENTENCE_SHARE = 0.25  # of the turns a caller says: read sentences; the rest short card phrases
+
+
+class SpeechDeck:
+    """Recordings dealt like cards from a shuffled deck, reshuffled when it runs out: read sentences
+    make up ``sentence_share`` of the deck and card phrases the rest, each recording as often as
+    the others of its kind.
+
+    Drawn independently at random, the recordings of one benchmark level are not those of another:
+    one read sentence ends on words that say more is coming, so its turn waits 1.1 s for the end
+    of the turn by design; at 5% of the turns it sits right at the p95, and a level that drew it
+    a little more or less often than another moved its p95 by half a second, with no change in
+    load. Dealt from one deck per level, every level says every recording in the same proportions
+    (to within one deck), so its latencies differ from another level's by the load alone."""
+
+    def __init__(self, paths: Sequence[Path], rng: random.Random, sentence_share: float = SENTENCE_SHARE):
+        cards = [p for p in paths if p.parent.name == "cards"]
+        sentences = [p for p in paths if p.parent.name != "cards"]
+        if not cards or not sentences:
+            self._pattern = list(cards or sentences)
+        else:
+            # Copies of each card c and each sentence s with s*S / (c*C + s*S) = the share.
+            share = Fraction(sentence_share).limit_denominator(20)
+            card_copies = (share.denominator - share.numerator) * len(sentences)
+            sentence_copies = share.numerator * len(cards)
+            unit = math.gcd(card_copies, sentence_copies)
+            self._pattern = cards * (card_copies // unit) + sentences * (sentence_copies // unit)
+        if not self._pattern:
+            raise ValueError("no recordings to deal")
+        self._rng = rng
+        self._deck: list[Path] = []
+
+    @property
+    def size(self) -> int:
+        return len(self._pattern)
+
+    def deal(self) -> Path:
+        if not self._deck:
+            self._deck = list(self._pattern)
+            self._rng.shuffle(self._deck)
+        return self._deck.pop()
+
+
 def turn_script(
     rng: random.Random,
     turns: int,
     *,
     paths: Sequence[Path] | None = None,
+    deck: SpeechDeck | None = None,
     pause_ms: tuple[int, int] = (300, 1500),
     max_wait_ms: int = 30_000,
 ) -> list[ScriptItem]:
     """``turns`` utterances of real speech, each said after the agent's reply (the welcome first)
-    and a caller's pause drawn from ``pause_ms``; mostly short card phrases, now and then a sentence."""
+    and a caller's pause drawn from ``pause_ms``; mostly short card phrases, now and then a sentence:
+    dealt from ``deck``, else drawn from ``paths`` at random (a sentence for ``SENTENCE_SHARE`` of
+    the turns)."""
     paths = list(paths or speech_paths())
     cards = [p for p in paths if p.parent.name == "cards"]
     sentences = [p for p in paths if p.parent.name != "cards"]
     script: list[ScriptItem] = []
     for _ in range(turns):
-        pool = sentences if sentences and (not cards or rng.random() < 0.25) else cards
-        path = rng.choice(pool)
+        if deck is not None:
+            path = deck.deal()
+        else:
+            pool = sentences if sentences and (not cards or rng.random() < SENTENCE_SHARE) else cards
+            path = rng.choice(pool)
         script.append(
             Say(
                 path,

@@ -26,6 +26,7 @@ from appliance.simulator.benchkit import (
     CpuMeter,
     ServerProcess,
     SoakLimits,
+    SpeechDeck,
     busy_problems,
     call_summary,
     capacity,
@@ -281,6 +282,36 @@ def test_turn_script_says_real_recordings_with_caller_pauses() -> None:
     assert said[0].label.startswith(("cards/", "librivox/"))
 
 
+def test_a_speech_deck_deals_every_recording_in_a_fixed_share() -> None:
+    cards = [Path(f"/x/cards/00{i}.wav") for i in range(1, 6)]
+    sentences = [Path(f"/x/librivox/s-08{i}0.wav") for i in range(7, 10)] + [Path("/x/librivox/s-0920.wav")]
+    deck = SpeechDeck(cards + sentences, random.Random(1))
+    # A quarter sentences: each card 12 times and each sentence 5 (4 x 5 = 20 of the 80).
+    assert deck.size == 80
+    dealt = [deck.deal() for _ in range(160)]
+    for first in (dealt[:80], dealt[80:]):  # every full deck holds the same mix
+        assert {p: first.count(p) for p in cards} == {p: 12 for p in cards}
+        assert {p: first.count(p) for p in sentences} == {p: 5 for p in sentences}
+    assert dealt[:80] != dealt[80:]  # shuffled again, not replayed
+    again = SpeechDeck(cards + sentences, random.Random(1))
+    assert [again.deal() for _ in range(160)] == dealt  # the same seed deals the same
+    other = SpeechDeck(cards + sentences, random.Random(2))
+    assert [other.deal() for _ in range(80)] != dealt[:80]
+    half = SpeechDeck(cards[:2] + sentences[:3], random.Random(3), sentence_share=0.5)
+    assert half.size == 12 and sum(1 for _ in range(12) if half.deal() in sentences) == 6
+    only_cards = SpeechDeck(cards, random.Random(4))
+    assert only_cards.size == 5 and {only_cards.deal() for _ in range(5)} == set(cards)
+    with pytest.raises(ValueError):
+        SpeechDeck([], random.Random(5))
+
+
+def test_turn_script_says_what_the_deck_deals() -> None:
+    paths = [Path("/x/cards/001.wav"), Path("/x/cards/002.wav"), Path("/x/librivox/s-0870.wav")]
+    deck, mirror = SpeechDeck(paths, random.Random(7)), SpeechDeck(paths, random.Random(7))
+    said = turn_script(random.Random(8), 10, paths=paths, deck=deck)
+    assert [s.audio for s in said if isinstance(s, Say)] == [mirror.deal() for _ in range(10)]
+
+
 def test_proc_sample_and_cpu_meter_read_this_process() -> None:
     s = proc_sample()
     assert s["rss_mb"] > 10 and s["hwm_mb"] >= s["rss_mb"] and s["fds"] >= 3 and s["threads"] >= 1
@@ -414,6 +445,7 @@ def test_bench_load_one_short_real_run(tmp_path: Path) -> None:
     assert data["baseline_seconds"] == 2.0  # level 1, every level's yardstick, runs twice as long
     # Two rounds of one call each, pooled into the level the verdict rests on.
     assert data["rounds"] == 2 and [lv["round"] for lv in data["round_levels"]] == [0, 1]
+    assert data["speech"] == "deck"
     assert sorted(c["round"] for c in data["calls"]) == [0, 1]
     for one_round in data["round_levels"]:
         assert one_round["calls"] == 1 and one_round["answered"] == 1 and one_round["unanswered"] == 0
