@@ -15,11 +15,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# Words after which a turn is almost never over.
-CONTINUATIONS = frozenset(
-    "and or but so because cause then um uh er erm hmm like the a an to of for with my our your "
-    "is are was were it's its that which who if when i i'm we you at in on from by about as".split()
-)
+# Words after which a turn is almost never over, whatever Whisper put after them: it often closes
+# a caller's pause mid-sentence with a full stop ("I want to cancel my order and.").
+CONTINUATIONS = frozenset("and or but so because cause um uh er erm hmm the a an my our your".split())
+# Words that end a question ("Where are you calling from?", "What is it for?") but otherwise mean
+# more is coming, full stop or not ("I want to.", "I'm calling about.").
+OPEN_UNLESS_ASKED = frozenset("like to of for with at from by about as if which i i'm it's its we".split())
+# Words that end many a sentence ("How are you?", "Thank you.", "I'll take that.", "Hold on.",
+# "than he was."): more is coming only when Whisper did not end the sentence there. After a full
+# stop the turn waits the default, not the short wait of other complete sentences.
+OPEN_UNLESS_ENDED = frozenset("is are was were that who when then you in on".split())
 _NUMBER_WORDS = frozenset(
     "zero oh one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety "
@@ -46,15 +51,21 @@ class EndpointPolicy:
         words = [t for t in tokens if t[0].isalnum()]
         if not words:
             return self.default_ms
-        last = words[-1]
+        last, end = words[-1], tokens[-1]
+        if tokens[-3:] == [".", ".", "."]:
+            end = "…"  # the caller trailed off
         if last in CONTINUATIONS:
             return self.continuing_ms
         if _is_number(last) and _digit_count(words) >= self.min_digits:
             return self.digits_ms
-        ends_sentence = tokens[-1] in (".", "?", "!", "…")
-        if tokens[-1] in (",", ";", ":", "-"):
+        if end in (",", ";", ":", "-", "…"):
             return self.continuing_ms
-        return self.complete_ms if ends_sentence else self.default_ms
+        asked = end in ("?", "!")
+        if last in OPEN_UNLESS_ASKED and not asked:
+            return self.continuing_ms
+        if last in OPEN_UNLESS_ENDED:
+            return self.complete_ms if asked else self.default_ms if end == "." else self.continuing_ms
+        return self.complete_ms if asked or end == "." else self.default_ms
 
 
 def _is_number(word: str) -> bool:

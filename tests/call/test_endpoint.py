@@ -22,6 +22,22 @@ POLICY = EndpointPolicy()
         ("My order number is 55 12", POLICY.digits_ms),
         ("hello there", POLICY.default_ms),
         ("", POLICY.default_ms),
+        # Words that often end a sentence: open only while Whisper has not ended it.
+        ("Hi, how are you?", POLICY.complete_ms),
+        ("Okay, thank you.", POLICY.default_ms),
+        ("Okay, thank you", POLICY.continuing_ms),
+        ("He might have been more respectable than he was.", POLICY.default_ms),
+        ("Can you hold on?", POLICY.complete_ms),
+        ("My account number is", POLICY.continuing_ms),
+        # Words that end a question, or else say more is coming, full stop or not.
+        ("Where are you calling from?", POLICY.complete_ms),
+        ("I want to.", POLICY.continuing_ms),
+        ("I'm calling about.", POLICY.continuing_ms),
+        # Words after which a turn goes on whatever the punctuation; trailing off.
+        ("I'd like to cancel my order and.", POLICY.continuing_ms),
+        ("I think so.", POLICY.continuing_ms),
+        ("Well, the thing is...", POLICY.continuing_ms),
+        ("I was thinking…", POLICY.continuing_ms),
     ],
 )
 def test_silence_after_the_words_so_far(text: str, expected: float) -> None:
@@ -37,3 +53,5 @@ def test_only_final_looking_words_are_answered_speculatively() -> None:
     assert POLICY.looks_final("hello there")
     assert not POLICY.looks_final("I want to")
     assert not POLICY.looks_final("My number is 4 4 7")
+    assert POLICY.looks_final("Thank you.") and POLICY.looks_final("How are you?")
+    assert not POLICY.looks_final("I need it for.")
