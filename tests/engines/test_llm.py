@@ -1144,9 +1144,17 @@ async def test_a_choice_is_checked_in_the_same_decode_as_the_prompt_after_it(qwe
     head = qwen.format_chat([{"role": "user", "content": "Greet me in JSON."}]) + '{"'
     prompt = head + 'say": "'
     say = 'root ::= "say"'
+    # The checked generation reads the choosing token (head's last) and the rest in one decode. The
+    # plain one reads the same tokens in the same decode on top of the same cells: a decode of
+    # another shape may round differently (AVX-512 kernels did) and tip a near-tie in greedy text.
+    before_choice = head[: -len('{"')]
+    assert qwen._tokenize(head)[:-1] == qwen._tokenize(before_choice)  # '{"' is one token
+    await _collect(qwen, before_choice, max_tokens=0, cache_key="choice")
     plain = await _collect(qwen, prompt, max_tokens=8, cache_key="choice")
+    assert qwen.last_stats.cached_tokens == len(qwen._tokenize(before_choice))
     # The model can only choose "say" here: the text is what the prompt alone gives.
     checked = await _collect(qwen, prompt, max_tokens=8, cache_key="choice", choice_at=(len(head), say, "s"))
+    assert qwen.last_stats.cached_tokens == len(qwen._tokenize(before_choice))
     assert checked == plain and qwen.last_stats.finish in ("stop", "length")
     # Here it can only choose "name": no text, and the caller learns what it chose.
     with pytest.raises(ChoiceDiffers) as differs:
