@@ -84,21 +84,25 @@ def speech_paths(corpus: str | None = None) -> list[Path]:
 SENTENCE_SHARE = 0.25  # of the turns a caller says: read sentences; the rest short card phrases
 
 
+def _cards_and_sentences(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    cards = [p for p in paths if p.parent.name == "cards"]
+    return cards, [p for p in paths if p.parent.name != "cards"]
+
+
 class SpeechDeck:
     """Recordings dealt like cards from a shuffled deck, reshuffled when it runs out: read sentences
     make up ``sentence_share`` of the deck and card phrases the rest, each recording as often as
     the others of its kind.
 
     Drawn independently at random, the recordings of one benchmark level are not those of another:
-    one read sentence ends on words that say more is coming, so its turn waits 1.1 s for the end
-    of the turn by design; at 5% of the turns it sits right at the p95, and a level that drew it
+    one read sentence ("... than he was.") waited 1.1 s for the end of its turn (its last word was
+    taken for more to come); at 5% of the turns it sat right at the p95, and a level that drew it
     a little more or less often than another moved its p95 by half a second, with no change in
     load. Dealt from one deck per level, every level says every recording in the same proportions
     (to within one deck), so its latencies differ from another level's by the load alone."""
 
     def __init__(self, paths: Sequence[Path], rng: random.Random, sentence_share: float = SENTENCE_SHARE):
-        cards = [p for p in paths if p.parent.name == "cards"]
-        sentences = [p for p in paths if p.parent.name != "cards"]
+        cards, sentences = _cards_and_sentences(paths)
         if not cards or not sentences:
             self._pattern = list(cards or sentences)
         else:
@@ -137,9 +141,7 @@ def turn_script(
     and a caller's pause drawn from ``pause_ms``; mostly short card phrases, now and then a sentence:
     dealt from ``deck``, else drawn from ``paths`` at random (a sentence for ``SENTENCE_SHARE`` of
     the turns)."""
-    paths = list(paths or speech_paths())
-    cards = [p for p in paths if p.parent.name == "cards"]
-    sentences = [p for p in paths if p.parent.name != "cards"]
+    cards, sentences = _cards_and_sentences(list(paths or speech_paths()))
     script: list[ScriptItem] = []
     for _ in range(turns):
         if deck is not None:
